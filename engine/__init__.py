@@ -1,0 +1,1 @@
+"""depthcut: depth pruning of Hugging Face decoder LLMs."""

@@ -1,0 +1,49 @@
+"""Tiny random-weight decoder models built from configs, one per supported family."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+# Small enough for a CPU test, large enough to have GQA, several blocks and a real vocabulary.
+_COMMON = dict(
+    vocab_size=211,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": 16},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+}
+
+
+def tiny_config(family: str, **overrides):
+    kwargs = {**_COMMON, **FAMILIES[family], **overrides}
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    """A random model in eval mode; weights are scaled up so blocks differ measurably."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    config._attn_implementation = "eager" if family == "mistral" else "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def random_tokens(model, n: int = 3, t: int = 17, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (n, t), generator=g)

@@ -1,0 +1,1 @@
+"""Triton kernels of depthcut, each beside its plain PyTorch reference."""
