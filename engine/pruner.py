@@ -1,0 +1,93 @@
+"""Deleting blocks and saving the shallower model so stock transformers loads it (SPEC §4)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from torch import nn
+
+from .atomic import atomic_path
+from .errors import DepthcutError
+from .models import ModelAdapter, drop_quantization_config
+
+
+def blocks_for_ratio(num_blocks: int, ratio: float) -> int:
+    """How many blocks a pruning ratio removes (rounded to the nearest block)."""
+    if not 0.0 < ratio < 1.0:
+        raise DepthcutError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
+    return max(1, round(num_blocks * ratio))
+
+
+def prune_blocks(model, blocks: Iterable[int]):
+    """Delete the given blocks in place and make the config and caches agree; returns the model.
+
+    Renumbers every ``layer_idx`` (the KV cache indexes by it), sets ``num_hidden_layers``
+    and cuts every per-layer list in the config (``layer_types`` and the like).
+    """
+    adapter = ModelAdapter(model)
+    n = adapter.num_blocks
+    remove = sorted(set(int(b) for b in blocks))
+    if not remove:
+        raise DepthcutError("no blocks to remove")
+    if remove[0] < 0 or remove[-1] >= n:
+        raise DepthcutError(f"block index out of range: the model has blocks 0..{n - 1}")
+    if len(remove) >= n:
+        raise DepthcutError(f"cannot remove {len(remove)} of {n} blocks: at least one must stay")
+    keep = [i for i in range(n) if i not in set(remove)]
+    model.model.layers = nn.ModuleList(adapter.layers[i] for i in keep)
+    for new_idx, layer in enumerate(model.model.layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    config = model.config
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == n and not _is_token_list(key):
+            setattr(config, key, type(value)(value[i] for i in keep))
+    config.num_hidden_layers = len(keep)
+    return model
+
+
+def _is_token_list(key: str) -> bool:
+    return key == "architectures" or key.endswith(("token_id", "token_ids", "_ids"))
+
+
+def save_model(model, tokenizer, out_dir: str | Path, card: dict | None = None) -> Path:
+    """``save_pretrained`` plus tokenizer (and a model card), written aside then renamed in."""
+    drop_quantization_config(model)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DepthcutError(f"output path exists and is not a folder: {out_dir}")
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "depthcut.json").write_text(json.dumps(card, indent=2))
+            (tmp / "README.md").write_text(model_card(card))
+    return out_dir
+
+
+def model_card(card: dict) -> str:
+    """A short README saying what was removed, by which criterion, on what data, at what cost."""
+    lines = [
+        f"# {card.get('name', 'depth-pruned model')}",
+        "",
+        f"Depth-pruned with depthcut from `{card.get('source', '?')}`: "
+        f"{len(card.get('removed', []))} of {card.get('num_blocks', '?')} Transformer blocks removed.",
+        "",
+        f"- criterion: {card.get('criterion', 'explicit list')}",
+        f"- removed blocks: {card.get('removed')}",
+        f"- protected (never pruned): first {card.get('protect', {}).get('first', '?')}, "
+        f"last {card.get('protect', {}).get('last', '?')}",
+    ]
+    calib = card.get("calibration")
+    if calib:
+        lines.append(f"- calibration: {calib['n_samples']} x {calib['seq_len']} tokens of "
+                     f"{calib['source']} (seed {calib['seed']})")
+    ppl = card.get("perplexity")
+    if ppl:
+        lines.append(f"- perplexity ({ppl.get('text', 'held-apart text')}): dense {ppl['dense']:.2f}, "
+                     f"pruned {ppl['pruned']:.2f}")
+    lines += ["", "Loads with stock `transformers`: `AutoModelForCausalLM.from_pretrained(folder)`.", ""]
+    return "\n".join(lines)
