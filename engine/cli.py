@@ -1,0 +1,269 @@
+"""The ``depthcut`` command line: score, prune, eval, generate, export, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from .errors import DepthcutError  # noqa: E402
+
+DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return getattr(torch, DTYPES[name]) if name and DTYPES.get(name) else None
+
+
+def _size(text: str) -> int:
+    """'8GiB', '512MiB', '2e9' -> bytes."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    low = text.strip().lower()
+    for unit, mult in units.items():
+        if low.endswith(unit):
+            return int(float(low[: -len(unit)]) * mult)
+    return int(float(low))
+
+
+def _add_model(p):
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF folder, hub name or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype when loading")
+
+
+def _add_calibration(p):
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", help="text or jsonl file (default: CPython's pydoc_data.topics)")
+    g.add_argument("--n-samples", type=int, default=10)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--seed", type=int, default=1234)
+
+
+def _add_scoring(p):
+    g = p.add_argument_group("scoring")
+    g.add_argument("--backend", choices=("fused", "reference"), default="fused")
+    g.add_argument("--compute-dtype", choices=sorted(DTYPES), default="auto",
+                   help="precision of the fused pass (bf16 is ~3x faster on CPUs)")
+    g.add_argument("--window", type=int, action="append", default=[], help="angular-distance window (repeatable)")
+    g.add_argument("--max-memory", type=_size, default=None, help="memory budget of the pass, e.g. 8GiB")
+    g.add_argument("--keep-first", type=int, default=4, help="'+' heuristic: first blocks never pruned")
+    g.add_argument("--keep-last", type=int, default=2, help="'+' heuristic: last blocks never pruned")
+    g.add_argument("--no-protect", action="store_true", help="switch the '+' heuristic off")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="depthcut", description="Depth pruning of decoder LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score every block on calibration text")
+    _add_model(p)
+    _add_calibration(p)
+    _add_scoring(p)
+    p.add_argument("--criteria", default="ppl,taylor,magnitude", help="from ppl,taylor,magnitude,bi,angular")
+    p.add_argument("--iterative", type=int, default=0, metavar="K", help="also SLEB iterative PPL for K removals")
+    p.add_argument("--out", default="scores.json", help="JSON out; the PNG chart goes beside it")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("prune", help="remove blocks and save the shallower model")
+    _add_model(p)
+    _add_calibration(p)
+    _add_scoring(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--remove", type=int, help="number of blocks to remove")
+    how.add_argument("--ratio", type=float, help="fraction of blocks to remove")
+    how.add_argument("--blocks", help="explicit comma-separated block indices")
+    p.add_argument("--criterion", default="ppl", help="ppl, taylor, magnitude, bi, angular<n> or ppl_iterative")
+    p.add_argument("--scores", help="reuse a scores JSON instead of scoring")
+    p.add_argument("--eval", action="store_true", help="report dense and pruned perplexity on held-apart windows")
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity by the paper's protocol")
+    _add_model(p)
+    p.add_argument("--text", help="text or jsonl file (default: CPython's pydoc_data.topics)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--max-windows", type=int, default=0, help="evaluate only the first N windows (0 = all)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text")
+    _add_model(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _protect(args):
+    from .scores import Protect
+
+    return Protect.none() if args.no_protect else Protect(args.keep_first, args.keep_last)
+
+
+def _calibration(args, tokenizer):
+    from .calibration import Calibration
+
+    return Calibration.load(tokenizer, args.calib, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+
+
+def _load(args):
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=_dtype(args.dtype))
+    print(f"loaded {model.config.model_type} with {model.config.num_hidden_layers} blocks "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return model, tokenizer
+
+
+def _score(args, model, calibration, criteria, iterative=0):
+    from .scoring import score
+
+    return score(model, calibration, criteria, backend=args.backend, windows=args.window, iterative=iterative,
+                 protect=_protect(args), max_memory=args.max_memory, dtype=_dtype(args.compute_dtype))
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _print_scores(scores, protect):
+    names = list(scores)
+    rows = [[i] + [_fmt(scores[n][i]) if i < len(scores[n]) else "" for n in names]
+            for i in range(scores.num_blocks)]
+    print(_table(rows, ["block"] + names))
+    for n in names:
+        print(f"{n}: prune first {scores.ranking(n, protect)[:8]}")
+
+
+def _fmt(v) -> str:
+    return "nan" if v is None or v != v else f"{v:.5g}"
+
+
+def cmd_score(args):
+    model, tokenizer = _load(args)
+    calibration = _calibration(args, tokenizer)
+    scores = _score(args, model, calibration, args.criteria, args.iterative)
+    protect = _protect(args)
+    out = Path(args.out)
+    scores.save_json(out, protect)
+    scores.plot(out.with_suffix(".png"), protect)
+    _print_scores(scores, protect)
+    print(f"scored {scores.num_blocks} blocks on {calibration.num_tokens} tokens in {scores.meta['seconds']:.1f} s "
+          f"({scores.meta['backend']}); wrote {out} and {out.with_suffix('.png')}")
+
+
+def cmd_prune(args):
+    from .evaluate import perplexity
+    from .pruner import blocks_for_ratio, prune_blocks, save_model
+    from .scores import BlockScores
+
+    model, tokenizer = _load(args)
+    n = model.config.num_hidden_layers
+    protect = _protect(args)
+    calibration = None
+    if args.blocks:
+        try:
+            blocks = sorted({int(b) for b in args.blocks.split(",") if b.strip()})
+        except ValueError:
+            raise DepthcutError(f"--blocks must be comma-separated integers, got '{args.blocks}'") from None
+        criterion = "explicit list"
+    else:
+        count = args.remove if args.remove is not None else blocks_for_ratio(n, args.ratio)
+        criterion = args.criterion
+        if args.scores:
+            scores = BlockScores.load_json(args.scores)
+            if scores.num_blocks != n:
+                raise DepthcutError(f"{args.scores} scores {scores.num_blocks} blocks but the model has {n}")
+        else:
+            calibration = _calibration(args, tokenizer)
+            iterative = count if criterion == "ppl_iterative" else 0
+            base = "ppl" if iterative else criterion.rstrip("0123456789")
+            if base.startswith("angular"):
+                args.window = [int(criterion[len("angular"):] or 1)]
+            scores = _score(args, model, calibration, [base], iterative)
+        blocks = scores.select(criterion, count, protect)
+    heldout = None
+    dense_ppl = None
+    if args.eval:
+        calibration = calibration or _calibration(args, tokenizer)
+        heldout = calibration.heldout_ids[: args.eval_windows]
+        dense_ppl = perplexity(model, heldout, progress="dense perplexity")
+    prune_blocks(model, blocks)
+    card = {"name": f"{Path(args.out).name}", "source": args.model or "SmolLM2-135M-Instruct (bundled)",
+            "num_blocks": n, "removed": blocks, "criterion": criterion,
+            "protect": {"first": protect.first, "last": protect.last},
+            "calibration": calibration.describe() if calibration is not None else None}
+    rows = [["blocks", n, n - len(blocks)], ["removed", "", ",".join(map(str, blocks))]]
+    if args.eval:
+        pruned_ppl = perplexity(model, heldout, progress="pruned perplexity")
+        card["perplexity"] = {"dense": dense_ppl, "pruned": pruned_ppl,
+                              "text": f"{len(heldout)} held-apart windows of {calibration.source}"}
+        rows.append(["perplexity", f"{dense_ppl:.2f}", f"{pruned_ppl:.2f}"])
+    save_model(model, tokenizer, args.out, card)
+    print(_table(rows, ["", "dense", "pruned"]))
+    print(f"removed blocks {blocks} by {criterion}; saved to {args.out}")
+
+
+def cmd_eval(args):
+    from .calibration import default_text, read_text, tokenize_windows
+    from .evaluate import perplexity
+
+    model, tokenizer = _load(args)
+    text = read_text(args.text) if args.text else default_text()
+    windows = tokenize_windows(text, tokenizer, args.seq_len)
+    if args.max_windows:
+        windows = windows[: args.max_windows]
+    if len(windows) == 0:
+        raise DepthcutError(f"text shorter than one {args.seq_len}-token window")
+    t0 = time.perf_counter()
+    ppl = perplexity(model, windows, progress="perplexity")
+    print(json.dumps({"perplexity": ppl, "windows": len(windows), "seq_len": args.seq_len,
+                      "seconds": round(time.perf_counter() - t0, 2)}))
+
+
+def cmd_generate(args):
+    import torch
+
+    model, tokenizer = _load(args)
+    text = args.prompt
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DepthcutError as e:
+        print(f"depthcut: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("depthcut: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("depthcut: error: out of memory; lower --max-memory or --n-samples", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

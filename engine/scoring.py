@@ -1,0 +1,94 @@
+"""``score``: calibration tokens in, per-block scores out, from the fused or reference backend."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from . import reference
+from .calibration import Calibration, as_token_ids
+from .errors import DepthcutError
+from .models import ModelAdapter
+from .scores import ALL_CRITERIA, BlockScores, Protect
+from .single_pass import iterative_ppl, score_single_pass
+
+BACKENDS = ("fused", "reference")
+
+
+def parse_criteria(criteria: str | Iterable[str]) -> list[str]:
+    names = [c.strip().lower() for c in (criteria.split(",") if isinstance(criteria, str) else criteria)]
+    names = ["magnitude" if c == "mag" else c for c in names if c]
+    unknown = [c for c in names if c not in ALL_CRITERIA]
+    if unknown or not names:
+        raise DepthcutError(f"unknown criteria {unknown or names}; choose from {', '.join(ALL_CRITERIA)}")
+    return names
+
+
+def score(
+    model,
+    calibration: Calibration | torch.Tensor,
+    criteria: str | Iterable[str] = ("ppl", "taylor", "magnitude"),
+    backend: str = "fused",
+    windows: Iterable[int] = (),
+    iterative: int = 0,
+    protect: Protect | None = None,
+    max_memory: int | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> BlockScores:
+    """Score every block of ``model`` on the calibration windows.
+
+    ``calibration`` is a :class:`Calibration` or a ready ``[N, T]`` int64 tensor of token ids.
+    ``criteria`` from ppl, taylor, magnitude, bi, angular (``windows`` lists the angular
+    window sizes, default 1). ``iterative=k`` adds SLEB-style iterative PPL for k removals.
+    ``dtype`` runs the fused pass in another precision (bf16 is ~3x faster on CPUs).
+    Returns a :class:`BlockScores`: criterion -> one float per block, lower = pruned first.
+    """
+    ids = as_token_ids(calibration)
+    names = parse_criteria(criteria)
+    if backend not in BACKENDS:
+        raise DepthcutError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
+    windows = tuple(sorted(set(int(w) for w in windows))) or ((1,) if "angular" in names else ())
+    adapter = ModelAdapter(model)
+    protect = protect or Protect()
+    t0 = time.perf_counter()
+    scores: dict[str, list[float]] = {}
+    meta: dict = {"backend": backend, "criteria": names, "tokens": ids.numel(),
+                  "calibration_shape": list(ids.shape)}
+    if isinstance(calibration, Calibration):
+        meta["calibration"] = calibration.describe()
+    data_criteria = {c for c in names if c != "magnitude"}
+    if backend == "fused" and data_criteria:
+        fused, facts = score_single_pass(model, ids, data_criteria, windows, max_memory, dtype, progress)
+        scores.update(fused)
+        meta.update(facts)
+    elif data_criteria:
+        if "ppl" in names:
+            scores["ppl"] = reference.ppl_scores(model, ids)
+        if "taylor" in names:
+            scores["taylor"] = reference.taylor_scores(model, ids)
+        if {"bi", "angular"} & data_criteria:
+            stream = reference.stream_scores(model, ids, windows)
+            scores.update({k: v for k, v in stream.items() if k == "bi" and "bi" in names or
+                           k.startswith("angular") and "angular" in names})
+    if "magnitude" in names:
+        scores["magnitude"] = reference.magnitude_scores(model)
+    if iterative:
+        order, ppls = iterative_ppl(model, ids, iterative, protect.allowed(adapter.num_blocks), max_memory, dtype,
+                                    progress)
+        rank = {b: step for step, b in enumerate(order)}
+        scores["ppl_iterative"] = [float(rank[b]) if b in rank else float("nan") for b in range(adapter.num_blocks)]
+        meta["iterative"] = {"order": order, "ppl_after_each": ppls}
+    if "ppl" in scores and "taylor_ppl_estimate" in scores:
+        meta["taylor_ppl_estimate_spearman"] = spearman(scores["ppl"], scores["taylor_ppl_estimate"])
+    meta["seconds"] = time.perf_counter() - t0
+    return BlockScores(scores, adapter.num_blocks, meta)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (no ties expected between float scores)."""
+    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
+    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
