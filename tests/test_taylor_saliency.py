@@ -1,0 +1,81 @@
+"""Triton Taylor saliency vs its torch reference, and the reference vs the explicit definition."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from triton_kernels.taylor_saliency import taylor_saliency, taylor_saliency_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_torch_thread():
+    """Tiny CPU ops only lose from OpenMP barriers on a loaded 2-core machine; restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+SHAPES = [(1, 16, 16), (7, 40, 24), (33, 97, 72), (130, 16, 48), (130, 97, 24)]  # (M, N, K)
+
+
+def _inputs(m, n, k, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(DEVICE, dtype)
+    return x, dy, w
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_reference_matches_definition(m, n, k):
+    x, dy, w = _inputs(m, n, k, torch.float64)
+    dw = dy.T @ x
+    expected = (w * dw).abs().sum()
+    got = taylor_saliency_reference(x, dy, w)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_triton_matches_reference(m, n, k, dtype):
+    x, dy, w = _inputs(m, n, k, dtype, seed=m * 1000 + n + k)
+    got = taylor_saliency(x, dy, w)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    # 16-bit products are exact in fp32, so only summation order differs from the reference.
+    torch.testing.assert_close(got, taylor_saliency_reference(x, dy, w), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_inputs():
+    x, dy, w = _inputs(33, 40, 24, torch.float32)
+    x_t = x.T.contiguous().T  # column-major view of the same values
+    w_t = w.T.contiguous().T
+    torch.testing.assert_close(taylor_saliency(x_t, dy, w_t), taylor_saliency_reference(x, dy, w),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_signed_accumulation_over_all_rows_matters():
+    """sum|W*dW| over row halves is not the full-set value; an fp32 dW accumulator restores it."""
+    x, dy, w = _inputs(130, 40, 24, torch.float32)
+    half = 65
+    full = taylor_saliency(x, dy, w)
+    per_half = taylor_saliency(x[:half], dy[:half], w) + taylor_saliency(x[half:], dy[half:], w)
+    assert per_half > full * 1.05  # triangle inequality, strict for random signs
+
+    dw_acc = torch.zeros(w.shape, dtype=torch.float32, device=DEVICE)
+    for rows in (slice(0, half), slice(half, None)):
+        dw_acc += dy[rows].float().T @ x[rows].float()
+    torch.testing.assert_close((w.float() * dw_acc).abs().sum(), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("m,n,k", [(1280, 4096, 4096), (1280, 11008, 4096), (1279, 577, 1531)])
+def test_triton_matches_reference_bf16_gpu(m, n, k):
+    x, dy, w = _inputs(m, n, k, torch.bfloat16, seed=m + n + k)
+    torch.testing.assert_close(taylor_saliency(x, dy, w), taylor_saliency_reference(x, dy, w),
+                               rtol=1e-4, atol=1e-3)

@@ -1,0 +1,260 @@
+"""Fused LM head + log-softmax + NLL that never materialises the [tokens x vocab] logits.
+
+SPEC §3: every residual-stream variant ends in the LM head; with a 32k-150k vocabulary the
+logits would be the largest tensor of the pass. The kernels stream the vocabulary in tiles
+with an online logsumexp (forward) and recompute the logit tiles in the backward.
+
+To fill an H100 when there are few row blocks, the vocabulary is split across a second grid
+axis; every split writes its own partials (max / sum-exp / target logit, or an fp32
+gradient slab) and torch combines them, so results are deterministic (no float atomics).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+IGNORE_INDEX = -100
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (BLOCK_M, BLOCK_V, BLOCK_H, num_warps, num_stages). GPU values compile to wgmma without register
+# spills for sm_90 (ptxas -v) but are not yet timed on an H100; interpreter values keep the numpy
+# emulation quick on tiny test shapes.
+_FWD_CFG = (64, 128, 64, 4, 1) if _INTERPRET else (128, 128, 64, 8, 3)
+_BWD_CFG = (64, 128, 64, 4, 1) if _INTERPRET else (64, 128, 32, 8, 3)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def linear_nll_reference(hidden, weight, targets, softcap=None, chunk_size=4096):
+    """Plain-torch NLL of `targets` under softmax(hidden @ weight.T), chunked over the vocabulary.
+
+    Returns (nll [M] fp32, lse [M] fp32); rows whose target is -100 get nll 0.
+    """
+    m = hidden.shape[0]
+    h32 = hidden.float()
+    run_max = torch.full((m,), -math.inf, device=hidden.device)
+    run_sum = torch.zeros(m, device=hidden.device)
+    tgt_logit = torch.zeros(m, device=hidden.device)
+    valid = targets != IGNORE_INDEX
+    safe_t = torch.where(valid, targets, 0)
+    for v0 in range(0, weight.shape[0], chunk_size):
+        z = _softcap(h32 @ weight[v0:v0 + chunk_size].float().T, softcap)
+        new_max = torch.maximum(run_max, z.amax(dim=1))
+        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(1)
+        run_max = new_max
+        in_chunk = (safe_t >= v0) & (safe_t < v0 + z.shape[1])
+        picked = z.gather(1, (safe_t - v0).clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+        tgt_logit = torch.where(in_chunk, picked, tgt_logit)
+    lse = run_max + torch.log(run_sum)
+    nll = torch.where(valid, lse - tgt_logit, 0.0)
+    return nll, lse
+
+
+def linear_nll_backward_reference(hidden, weight, targets, lse, grad_nll, softcap=None, chunk_size=4096):
+    """Plain-torch d(sum(grad_nll * nll))/d hidden, recomputing logits chunk by chunk."""
+    h32 = hidden.float()
+    valid = targets != IGNORE_INDEX
+    g = torch.where(valid, grad_nll.float(), 0.0)
+    grad = torch.zeros_like(h32)
+    cols = torch.arange(chunk_size, device=hidden.device)
+    for v0 in range(0, weight.shape[0], chunk_size):
+        w = weight[v0:v0 + chunk_size].float()
+        raw = h32 @ w.T
+        z = _softcap(raw, softcap)
+        d = torch.exp(z - lse[:, None]) - (targets[:, None] == v0 + cols[None, :w.shape[0]]).float()
+        if softcap is not None:
+            d = d * (1 - (z / softcap) ** 2)
+        grad += (d * g[:, None]) @ w
+    return grad.to(hidden.dtype)
+
+
+# ----------------------------------------------------------------------------- triton
+
+
+@triton.jit
+def _tanh(x):
+    """tanh via exp(-2|x|) in (0, 1]: no overflow for any x."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, offs_m, mask_m, offs_v, mask_v, H, stride_hm, stride_hh, stride_wv, stride_wh,
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """[BLOCK_M, BLOCK_V] = hidden rows @ weight rows.T, fp32 accumulation over H tiles."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        a = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_h[None, :] * stride_hh,
+                    mask=mask_m[:, None] & mask_h[None, :], other=0.0).to(DOT_DTYPE)
+        b = tl.load(w_ptr + offs_v[None, :] * stride_wv + offs_h[:, None] * stride_wh,
+                    mask=mask_v[None, :] & mask_h[:, None], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _linear_nll_fwd_kernel(h_ptr, w_ptr, t_ptr, max_ptr, sum_ptr, tgt_ptr, M, V, H,
+                           stride_hm, stride_hh, stride_wv, stride_wh, v_per_split, softcap,
+                           HAS_SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = offs_m < M
+    tgt = tl.load(t_ptr + offs_m, mask=mask_m, other=-100)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(V, v_lo + v_per_split)
+
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    tgt_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        mask_v = offs_v < v_hi
+        z = _logit_tile(h_ptr, w_ptr, offs_m, mask_m, offs_v, mask_v, H, stride_hm, stride_hh, stride_wv,
+                        stride_wh, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        hit = (offs_v[None, :] == tgt[:, None]) & mask_v[None, :]
+        tgt_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+
+    out = pid_s * M + offs_m
+    tl.store(max_ptr + out, run_max, mask=mask_m)
+    tl.store(sum_ptr + out, run_sum, mask=mask_m)
+    tl.store(tgt_ptr + out, tgt_logit, mask=mask_m)
+
+
+@triton.jit
+def _linear_nll_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, slab_ptr, M, V, H,
+                           stride_hm, stride_hh, stride_wv, stride_wh, v_per_split, softcap,
+                           HAS_SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Each program owns rows x one vocabulary split and its own fp32 slab [BLOCK_M, H].
+
+    The slab lives in global memory (H is too wide for registers); only this program touches
+    it, and a barrier after every vocabulary tile orders its read-modify-writes across threads.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = offs_m < M
+    tgt = tl.load(t_ptr + offs_m, mask=mask_m, other=-100)
+    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+    g = tl.where(tgt == -100, 0.0, g)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(V, v_lo + v_per_split)
+    slab_rows = slab_ptr + (pid_s * M + offs_m)[:, None] * H
+
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        mask_v = offs_v < v_hi
+        z = _logit_tile(h_ptr, w_ptr, offs_m, mask_m, offs_v, mask_v, H, stride_hm, stride_hh, stride_wv,
+                        stride_wh, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)
+        if HAS_SOFTCAP:
+            t = _tanh(z / softcap)
+            z = softcap * t
+        p = tl.where(mask_v[None, :], tl.exp(z - lse[:, None]), 0.0)
+        d = p - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
+        if HAS_SOFTCAP:
+            d = d * (1.0 - t * t)
+        d = (d * g[:, None]).to(DOT_DTYPE)
+        # The first tile overwrites the slab, so it needs no zeroing (and reruns are idempotent).
+        accumulate = mask_m & (tl.zeros((BLOCK_M,), dtype=tl.int32) + v0 > v_lo)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                        mask=mask_v[:, None] & mask_h[None, :], other=0.0).to(DOT_DTYPE)
+            prev = tl.load(slab_rows + offs_h[None, :], mask=accumulate[:, None] & mask_h[None, :], other=0.0)
+            tl.store(slab_rows + offs_h[None, :], tl.dot(d, w, prev, input_precision=PRECISION),
+                     mask=mask_m[:, None] & mask_h[None, :])
+        tl.debug_barrier()
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_dtype(*tensors):
+    """Dot operand dtype: native 16-bit on GPU (exact products, fp32 accumulation), else fp32.
+
+    bf16 goes through fp32 under the interpreter, whose bf16 dot is wrong.
+    """
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}:
+        (dt,) = dtypes
+        if not (_INTERPRET and dt == torch.bfloat16):
+            return _TL_DTYPE[dt], None
+    return tl.float32, "ieee"
+
+
+def _vocab_splits(m, v, block_m, block_v, device):
+    """Split the vocabulary until there are about two programs per SM; returns (splits, cols per split)."""
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    n_tiles = triton.cdiv(v, block_v)
+    want = max(1, min(n_tiles, target // max(1, triton.cdiv(m, block_m))))
+    tiles_per_split = triton.cdiv(n_tiles, want)
+    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split * block_v
+
+
+def _check(hidden, weight, targets):
+    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
+    assert targets.shape == (hidden.shape[0],)
+
+
+def linear_nll_forward(hidden, weight, targets, softcap=None):
+    """Triton (nll [M] fp32, lse [M] fp32) for logits = hidden @ weight.T (optionally softcapped)."""
+    _check(hidden, weight, targets)
+    (m, h), v = hidden.shape, weight.shape[0]
+    block_m, block_v, block_h, warps, stages = _FWD_CFG
+    splits, v_per_split = _vocab_splits(m, v, block_m, block_v, hidden.device)
+    parts = torch.empty((3, splits, m), dtype=torch.float32, device=hidden.device)
+    targets = targets.contiguous()
+    dot_dtype, precision = _dot_dtype(hidden, weight)
+    if m:
+        _linear_nll_fwd_kernel[(triton.cdiv(m, block_m), splits)](
+            hidden, weight, targets, parts[0], parts[1], parts[2], m, v, h,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), v_per_split,
+            float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps, num_stages=stages)
+    part_max, part_sum, part_tgt = parts
+    run_max = part_max.amax(dim=0)
+    lse = run_max + torch.log((part_sum * torch.exp(part_max - run_max)).sum(dim=0))
+    # Exactly one split holds each target, the others wrote 0, so this sum is exact.
+    nll = torch.where(targets != IGNORE_INDEX, lse - part_tgt.sum(dim=0), 0.0)
+    return nll, lse
+
+
+def linear_nll_backward(hidden, weight, targets, lse, grad_nll, softcap=None):
+    """Triton d(sum(grad_nll * nll))/d hidden, in hidden's dtype; `lse` from linear_nll_forward."""
+    _check(hidden, weight, targets)
+    (m, h), v = hidden.shape, weight.shape[0]
+    block_m, block_v, block_h, warps, stages = _BWD_CFG
+    splits, v_per_split = _vocab_splits(m, v, block_m, block_v, hidden.device)
+    slab = torch.empty((splits, m, h), dtype=torch.float32, device=hidden.device)
+    dot_dtype, precision = _dot_dtype(hidden, weight)
+    if m:
+        _linear_nll_bwd_kernel[(triton.cdiv(m, block_m), splits)](
+            hidden, weight, targets.contiguous(), lse.float().contiguous(), grad_nll.contiguous(), slab, m, v, h,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), v_per_split,
+            float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps, num_stages=stages)
+    return (slab[0] if splits == 1 else slab.sum(dim=0)).to(hidden.dtype)
