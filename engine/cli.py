@@ -59,6 +59,12 @@ def _add_scoring(p):
     g.add_argument("--no-protect", action="store_true", help="switch the '+' heuristic off")
 
 
+def torch_oom() -> type:
+    import torch
+
+    return torch.OutOfMemoryError
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="depthcut", description="Depth pruning of decoder LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the whole job on the bundled SmolLM2: score, prune 3 ways, evaluate")
+    p.add_argument("--out", default="out")
+    p.add_argument("--remove", type=int, default=6)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -249,6 +260,13 @@ def cmd_generate(args):
     print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
+def cmd_demo(args):
+    from .demo import run_demo, render_report
+
+    print(render_report(run_demo(args.out, args.remove)))
+    print(f"wrote {args.out}/: scores.json, scores.png, pruned-*/ models, report.md")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -259,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("depthcut: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
+    except (MemoryError, torch_oom()):
         print("depthcut: error: out of memory; lower --max-memory or --n-samples", file=sys.stderr)
         return 3
     return 0

