@@ -89,12 +89,12 @@ class BlockScores(Mapping):
             "num_blocks": self.num_blocks,
             "protect": {"first": protect.first, "last": protect.last},
             "meta": self.meta,
-            "scores": self.scores,
+            "scores": {c: [None if v != v else v for v in vs] for c, vs in self.scores.items()},
             "ranking": {c: self.ranking(c, protect) for c in self.scores},
         }
 
     def save_json(self, path: str | Path, protect: Protect | None = None) -> Path:
-        text = json.dumps(self.to_dict(protect), indent=2, allow_nan=True)
+        text = json.dumps(self.to_dict(protect), indent=2, allow_nan=False)
         return atomic_write(path, text.encode())
 
     @classmethod
