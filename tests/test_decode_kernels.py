@@ -1,0 +1,113 @@
+"""Each fused decode kernel equals its PyTorch reference on fresh random inputs.
+
+Without CUDA the kernels run in Triton's interpreter (fp32/fp16; the interpreter's
+bf16 arithmetic is unreliable), with odd sizes to exercise every mask.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from triton_kernels import decode as K  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _tol(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+
+
+def _check_add_rmsnorm(dev, dtype, M, N, with_res):
+    x = torch.randn(M, N, device=dev, dtype=dtype)
+    r = torch.randn(M, N, device=dev, dtype=dtype) if with_res else None
+    w = torch.rand(N, device=dev, dtype=dtype) + 0.5
+    y, h = K.add_rmsnorm(x, r, w, 1e-6)
+    y_ref, h_ref = K.add_rmsnorm_ref(x, r, w, 1e-6)
+    torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
+    torch.testing.assert_close(y, y_ref, **_tol(dtype))
+
+
+def _check_rope(dev, dtype, B, n_q, n_kv, D, S, cp, qk_norm):
+    qkv = torch.randn(B, (n_q + 2 * n_kv) * D, device=dev, dtype=dtype)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    f = torch.arange(S, device=dev).float()[:, None] * inv[None]
+    cos, sin = torch.cat((f, f), -1).cos().contiguous(), torch.cat((f, f), -1).sin().contiguous()
+    pos = torch.randint(0, S, (B,), device=dev)
+    cache_pos = torch.tensor([cp], device=dev, dtype=torch.int32)
+    qn = torch.rand(D, device=dev, dtype=dtype) + 0.5 if qk_norm else None
+    kn = torch.rand(D, device=dev, dtype=dtype) + 0.5 if qk_norm else None
+    cache = torch.randn(2, B, n_kv, S, D, device=dev, dtype=dtype)
+    ref_c = cache.clone()
+    q = K.rope_cache_write(qkv, cos, sin, pos, cache[0], cache[1], cache_pos, n_q, n_kv, qn, kn)
+    q_ref = K.rope_cache_write_ref(qkv, cos, sin, pos, ref_c[0], ref_c[1], cache_pos, n_q, n_kv, qn, kn)
+    torch.testing.assert_close(q, q_ref, **_tol(dtype))
+    torch.testing.assert_close(cache, ref_c, **_tol(dtype))
+
+
+def _check_attention(dev, dtype, B, n_q, n_kv, D, S, cp, window, splits):
+    q = torch.randn(B, n_q, D, device=dev, dtype=dtype)
+    kc = torch.randn(B, n_kv, S, D, device=dev, dtype=dtype)
+    vc = torch.randn(B, n_kv, S, D, device=dev, dtype=dtype)
+    start = torch.randint(0, cp + 1, (B,), device=dev, dtype=torch.int32)
+    cache_pos = torch.tensor([cp], device=dev, dtype=torch.int32)
+    out = K.decode_attention(q, kc, vc, start, cache_pos, window, D ** -0.5, splits=splits)
+    ref = K.decode_attention_ref(q.float(), kc.float(), vc.float(), start, cache_pos, window, D ** -0.5)
+    torch.testing.assert_close(out.float(), ref, **_tol(dtype))
+
+
+def _check_swiglu(dev, dtype, M, I):
+    gu = torch.randn(M, 2 * I, device=dev, dtype=dtype) * 3
+    torch.testing.assert_close(K.swiglu(gu), K.swiglu_ref(gu), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,with_res", [(3, 37, True), (1, 64, False)])
+def test_add_rmsnorm(dtype, M, N, with_res):
+    _check_add_rmsnorm(DEV, dtype, M, N, with_res)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,n_q,n_kv,D,qk_norm", [(2, 3, 1, 20, False), (1, 4, 2, 16, True)])
+def test_rope_cache_write(dtype, B, n_q, n_kv, D, qk_norm):
+    _check_rope(DEV, dtype, B, n_q, n_kv, D, 11, 7, qk_norm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,n_q,n_kv,D,S,cp,window,splits", [
+    (2, 6, 2, 20, 45, 40, 0, 3),    # GQA group 3, odd head dim, ragged starts, splits
+    (1, 2, 2, 16, 33, 32, 9, 2),    # MHA with a sliding window
+    (3, 4, 1, 32, 70, 5, 0, None),  # MQA, short live range, default split count
+])
+def test_decode_attention(dtype, B, n_q, n_kv, D, S, cp, window, splits):
+    _check_attention(DEV, dtype, B, n_q, n_kv, D, S, cp, window, splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,I", [(2, 45), (1, 1536)])
+def test_swiglu(dtype, M, I):
+    _check_swiglu(DEV, dtype, M, I)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_gpu_llama_shapes(dtype):
+    """Real-size shapes (Llama-7B MHA, SmolLM2 GQA) compiled on the GPU, bf16 included."""
+    _check_add_rmsnorm("cuda", dtype, 4, 4096, True)
+    _check_rope("cuda", dtype, 4, 32, 32, 128, 600, 517, False)
+    _check_rope("cuda", dtype, 2, 9, 3, 64, 300, 255, True)
+    tol = _tol(dtype) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for B, nq, nkv, D, S in [(1, 32, 32, 128, 640), (8, 9, 3, 64, 640)]:
+        q = torch.randn(B, nq, D, device="cuda", dtype=dtype)
+        kc, vc = (torch.randn(B, nkv, S, D, device="cuda", dtype=dtype) for _ in range(2))
+        start = torch.randint(0, 100, (B,), device="cuda", dtype=torch.int32)
+        cp = torch.tensor([600], device="cuda", dtype=torch.int32)
+        out = K.decode_attention(q, kc, vc, start, cp, 0, D ** -0.5)
+        ref = K.decode_attention_ref(q.float(), kc.float(), vc.float(), start, cp, 0, D ** -0.5)
+        torch.testing.assert_close(out.float(), ref, **tol)
+    _check_swiglu("cuda", dtype, 4, 11008)
