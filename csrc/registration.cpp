@@ -1,0 +1,24 @@
+// Operator schemas of the depthcut library and the Python module stub.
+// Device kernels register themselves in cpu_ops.cpp and cuda_ops.cu.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(depthcut, m) {
+  // Per-token NLL of hidden @ weight.T without materialising [M, V] logits.
+  // softcap <= 0: no softcap; chunk <= 0: the kernel's default vocabulary chunk.
+  m.def(
+      "linear_nll_forward(Tensor hidden, Tensor weight, Tensor targets, float softcap, int chunk)"
+      " -> (Tensor nll, Tensor lse)");
+  m.def(
+      "linear_nll_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_nll,"
+      " float softcap, int chunk) -> Tensor");
+  // sum |W * (dy^T x)| without storing the full weight gradient.
+  m.def("taylor_saliency(Tensor x, Tensor dy, Tensor weight) -> Tensor");
+}
+
+// `import engine._C` only has to load the shared object: the ops live in torch.ops.depthcut.
+static struct PyModuleDef depthcut_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  return PyModule_Create(&depthcut_module);
+}

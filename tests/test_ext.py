@@ -1,0 +1,74 @@
+"""The compiled CPU ops (torch.ops.depthcut.*) against direct torch definitions."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+_C = pytest.importorskip("engine._C", reason="compiled extension engine._C not built "
+                         "(pip install --no-build-isolation -e .)")
+
+# bf16: the logit tile is rounded to bf16 before the fp32 reduction (like a bf16
+# F.linear), so errors scale with |logit| * 2^-8; the inputs below keep |logit| < ~10.
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
+
+
+def _direct(hidden, weight, targets, softcap):
+    h = hidden.float().clone().requires_grad_()
+    z = h @ weight.float().T
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    nll = F.cross_entropy(z, targets, reduction="none")
+    return h, z, nll
+
+
+def _inputs(m, v, h, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(m, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5 * 3).to(dtype)
+    targets = torch.randint(0, v, (m,), generator=g)
+    if m > 1:
+        targets[::3] = -100
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("m,v,h", [(1, 97, 16), (7, 1000, 72), (129, 5003, 16), (129, 97, 72)])
+@pytest.mark.parametrize("chunk", [0, 300])
+def test_linear_nll_matches_cross_entropy(dtype, softcap, m, v, h, chunk):
+    hidden, weight, targets = _inputs(m, v, h, dtype, seed=m * 7 + v + h)
+    nll, lse = torch.ops.depthcut.linear_nll_forward(hidden, weight, targets, softcap, chunk)
+    hr, z, ref = _direct(hidden, weight, targets, softcap)
+    assert nll.dtype == lse.dtype == torch.float32 and nll.shape == lse.shape == (m,)
+    torch.testing.assert_close(nll, ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(lse, torch.logsumexp(z.detach(), 1), **TOL[dtype])
+    assert (nll[targets == -100] == 0).all()
+
+    grad_nll = torch.rand(m, generator=torch.Generator().manual_seed(1))
+    (ref * grad_nll).sum().backward()
+    grad = torch.ops.depthcut.linear_nll_backward(hidden, weight, targets, lse, grad_nll, softcap, chunk)
+    assert grad.dtype == dtype and grad.shape == hidden.shape
+    torch.testing.assert_close(grad.float(), hr.grad, **TOL[dtype])
+    assert (grad[targets == -100] == 0).all()
+
+
+def test_linear_nll_rejects_bad_targets():
+    hidden, weight, targets = _inputs(4, 97, 16, torch.float32, seed=0)
+    targets[0] = 97
+    with pytest.raises(RuntimeError, match="targets outside"):
+        torch.ops.depthcut.linear_nll_forward(hidden, weight, targets, 0.0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 7, 16), (129, 97, 72), (64, 200, 33)])
+def test_taylor_saliency_matches_explicit_dw(dtype, m, n, k):
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    got = torch.ops.depthcut.taylor_saliency(x, dy, w)
+    dw = dy.double().T @ x.double()
+    ref = (w.double() * dw).abs().sum()
+    assert got.dtype == torch.float32 and got.dim() == 0
+    # bf16: dW is rounded to bf16 before |.|; the sum of |.| averages that out.
+    rtol = 1e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=1e-6)

@@ -1,0 +1,104 @@
+"""engine.kernels on the CPU, with the compiled ops and with the forced references."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import kernels
+from engine._ext import HAS_EXT
+
+MODES = ["reference"] + (["auto"] if HAS_EXT else [])
+
+
+@pytest.fixture(params=MODES)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("DEPTHCUT_BACKEND", request.param)
+    return request.param
+
+
+def _inputs(m, v, h, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(m, h, generator=g).to(device, dtype)
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5 * 3).to(device, dtype)
+    targets = torch.randint(0, v, (m,), generator=g).to(device)
+    targets[1] = -100
+    return hidden, weight, targets
+
+
+def _full_logits(hidden, weight, targets, softcap):
+    z = hidden.float() @ weight.float().T
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return F.cross_entropy(z, targets, reduction="none")
+
+
+def test_backend_choice(backend):
+    expected = "ext" if backend == "auto" else "reference"
+    assert kernels._backend(torch.device("cpu")) == expected
+
+
+def test_unknown_backend_rejected(monkeypatch):
+    monkeypatch.setenv("DEPTHCUT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="DEPTHCUT_BACKEND"):
+        kernels._backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_nll_and_gradient(backend, softcap, dtype):
+    hidden, weight, targets = _inputs(37, 1001, 48, dtype)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    h1 = hidden.clone().requires_grad_()
+    nll = kernels.linear_nll(h1, weight, targets, softcap)
+    h2 = hidden.float().clone().requires_grad_()
+    ref = _full_logits(h2, weight, targets, softcap)
+    assert nll.dtype == torch.float32
+    torch.testing.assert_close(nll, ref.detach(), **tol)
+    g = torch.rand(37, generator=torch.Generator().manual_seed(3))
+    (nll * g).sum().backward()
+    (ref * g).sum().backward()
+    assert h1.grad.dtype == dtype
+    torch.testing.assert_close(h1.grad.float(), h2.grad, **tol)
+
+
+def test_linear_nll_refuses_weight_grad(backend):
+    hidden, weight, targets = _inputs(5, 97, 16, torch.float32)
+    with pytest.raises(ValueError, match="detach"):
+        kernels.linear_nll(hidden, weight.requires_grad_(), targets)
+
+
+def test_taylor_saliency(backend):
+    g = torch.Generator().manual_seed(5)
+    x, dy, w = torch.randn(65, 40, generator=g), torch.randn(65, 130, generator=g), torch.randn(130, 40, generator=g)
+    got = kernels.taylor_saliency(x, dy, w)
+    ref = (w.double() * (dy.double().T @ x.double())).abs().sum()
+    assert got.dim() == 0 and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["auto", "reference"] + (["ext"] if HAS_EXT else []))
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_linear_nll_cuda(monkeypatch, mode, softcap):
+    monkeypatch.setenv("DEPTHCUT_BACKEND", mode)
+    hidden, weight, targets = _inputs(300, 5003, 64, torch.bfloat16, device="cuda")
+    h1 = hidden.clone().requires_grad_()
+    nll = kernels.linear_nll(h1, weight, targets, softcap)
+    h2 = hidden.float().clone().requires_grad_()
+    ref = _full_logits(h2, weight, targets, softcap)
+    torch.testing.assert_close(nll, ref.detach(), atol=5e-2, rtol=2e-2)
+    nll.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(h1.grad.float(), h2.grad, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["auto", "reference"] + (["ext"] if HAS_EXT else []))
+def test_taylor_saliency_cuda(monkeypatch, mode):
+    monkeypatch.setenv("DEPTHCUT_BACKEND", mode)
+    g = torch.Generator().manual_seed(5)
+    x, dy, w = (torch.randn(s, generator=g).cuda() for s in [(257, 72), (257, 130), (130, 72)])
+    got = kernels.taylor_saliency(x, dy, w)
+    ref = (w.double() * (dy.double().T @ x.double())).abs().sum()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-3)
