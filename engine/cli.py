@@ -179,9 +179,11 @@ def cmd_score(args):
 
 def cmd_prune(args):
     from .evaluate import perplexity
-    from .pruner import blocks_for_ratio, prune_blocks, save_model
+    from .pruner import blocks_for_ratio, check_ratio, prune_blocks, save_model
     from .scores import BlockScores
 
+    if args.ratio is not None:
+        check_ratio(args.ratio)  # before the slow load
     model, tokenizer = _load(args)
     n = model.config.num_hidden_layers
     protect = _protect(args)

@@ -21,20 +21,26 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass(frozen=True)
 class Family:
-    """How a family's head turns final hidden states into logits."""
+    """How a family's head turns final hidden states into logits, and which config scalars
+    describe blocks by index (per-layer lists like ``layer_types`` are cut generically)."""
 
     logit_softcap_attr: str | None = None  # logits = cap * tanh(logits / cap)
     logit_divisor_attr: str | None = None  # logits = logits / divisor
+    # "the first k blocks are special": recounted over the kept blocks when blocks go
+    leading_blocks_attrs: tuple[str, ...] = ()
+    # "every k-th block": no longer true after a cut, so dropped (``layer_types`` says it per block)
+    block_period_attrs: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(),
     "mistral": Family(),
-    "qwen2": Family(),
-    "qwen3": Family(),
+    "qwen2": Family(leading_blocks_attrs=("max_window_layers",)),
+    "qwen3": Family(leading_blocks_attrs=("max_window_layers",)),
     "gemma": Family(),
     "gemma2": Family(logit_softcap_attr="final_logit_softcapping"),
-    "gemma3_text": Family(logit_softcap_attr="final_logit_softcapping"),
+    "gemma3_text": Family(logit_softcap_attr="final_logit_softcapping",
+                          block_period_attrs=("sliding_window_pattern", "_sliding_window_pattern")),
     "phi3": Family(),
     "olmo2": Family(),
     "granite": Family(logit_divisor_attr="logits_scaling"),
@@ -59,7 +65,7 @@ class ModelAdapter:
         check_family(model.config)
         self.model = model
         self.config = model.config
-        family = FAMILIES[model.config.model_type]
+        self.family = family = FAMILIES[model.config.model_type]
         cap = getattr(model.config, family.logit_softcap_attr, None) if family.logit_softcap_attr else None
         self.logit_softcap: float | None = float(cap) if cap else None
         div = getattr(model.config, family.logit_divisor_attr, None) if family.logit_divisor_attr else None
@@ -119,9 +125,7 @@ def _resolve(spec: str | os.PathLike | None) -> tuple[str, str | None]:
     if text.endswith(".gguf"):
         if not path.is_file():
             raise DepthcutError(f"model file not found: {text}")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise DepthcutError(f"not a GGUF file (bad magic): {text}")
+        check_gguf(path)
         return str(path.parent.resolve()), path.name
     if path.exists():
         if not (path / "config.json").is_file():
@@ -130,6 +134,24 @@ def _resolve(spec: str | os.PathLike | None) -> tuple[str, str | None]:
     if text.startswith((".", "/")) or text.count("/") > 1:
         raise DepthcutError(f"model not found: {text}")
     return text, None  # a hub name; resolved from the local cache when offline
+
+
+def check_gguf(path: Path) -> None:
+    """Parse the header and tensor table with the gguf package: a corrupt file fails here."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise DepthcutError(f"not a GGUF file (bad magic): {path}")
+    import gguf
+
+    try:
+        gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises struct, value and index errors alike
+        raise DepthcutError(f"corrupt GGUF file {path}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_model(
@@ -155,9 +177,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except DepthcutError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DepthcutError(f"cannot load model '{spec or where}': {first}") from e
+    except Exception as e:  # transformers raises many types for unreadable models
+        raise DepthcutError(f"cannot load model '{spec or where}': {_first_line(e)}") from e
     drop_quantization_config(model)
     model.to(device).eval()
     check_finite(model)

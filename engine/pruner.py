@@ -12,18 +12,23 @@ from .errors import DepthcutError
 from .models import ModelAdapter, drop_quantization_config
 
 
-def blocks_for_ratio(num_blocks: int, ratio: float) -> int:
-    """How many blocks a pruning ratio removes (rounded to the nearest block)."""
+def check_ratio(ratio: float) -> float:
     if not 0.0 < ratio < 1.0:
         raise DepthcutError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
-    return max(1, round(num_blocks * ratio))
+    return ratio
+
+
+def blocks_for_ratio(num_blocks: int, ratio: float) -> int:
+    """How many blocks a pruning ratio removes (rounded to the nearest block)."""
+    return max(1, round(num_blocks * check_ratio(ratio)))
 
 
 def prune_blocks(model, blocks: Iterable[int]):
     """Delete the given blocks in place and make the config and caches agree; returns the model.
 
     Renumbers every ``layer_idx`` (the KV cache indexes by it), sets ``num_hidden_layers``
-    and cuts every per-layer list in the config (``layer_types`` and the like).
+    and cuts every per-layer list in the config (``layer_types`` and the like); block-index
+    scalars follow the family's table row (see ``models.Family``).
     """
     adapter = ModelAdapter(model)
     n = adapter.num_blocks
@@ -44,6 +49,12 @@ def prune_blocks(model, blocks: Iterable[int]):
     for key, value in list(vars(config).items()):
         if isinstance(value, (list, tuple)) and len(value) == n and not _is_token_list(key):
             setattr(config, key, type(value)(value[i] for i in keep))
+    for key in adapter.family.leading_blocks_attrs:
+        if isinstance(count := getattr(config, key, None), int):
+            setattr(config, key, sum(i < count for i in keep))
+    for key in adapter.family.block_period_attrs:
+        if key in vars(config):
+            delattr(config, key)
     config.num_hidden_layers = len(keep)
     return model
 
