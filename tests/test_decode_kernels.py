@@ -23,7 +23,7 @@ def _tol(dtype):
 
 
 def _check_add_rmsnorm(dev, dtype, M, N, with_res):
-    x = torch.randn(M, N, device=dev, dtype=dtype)
+    x = torch.randn(M, 2, N, device=dev, dtype=dtype)[:, 1]  # strided rows, as x[:, -1] in prefill
     r = torch.randn(M, N, device=dev, dtype=dtype) if with_res else None
     w = torch.rand(N, device=dev, dtype=dtype) + 0.5
     y, h = K.add_rmsnorm(x, r, w, 1e-6)
@@ -82,6 +82,7 @@ def test_rope_cache_write(dtype, B, n_q, n_kv, D, qk_norm):
     (2, 6, 2, 20, 45, 40, 0, 3),    # GQA group 3, odd head dim, ragged starts, splits
     (1, 2, 2, 16, 33, 32, 9, 2),    # MHA with a sliding window
     (3, 4, 1, 32, 70, 5, 0, None),  # MQA, short live range, default split count
+    (2, 4, 2, 16, 20, 19, 0, 1),    # one split: normalised in place, no combine
 ])
 def test_decode_attention(dtype, B, n_q, n_kv, D, S, cp, window, splits):
     _check_attention(DEV, dtype, B, n_q, n_kv, D, S, cp, window, splits)

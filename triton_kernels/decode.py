@@ -52,12 +52,12 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, N, eps,
 def add_rmsnorm(x, residual, weight, eps):
     """Fused residual add + RMSNorm: one read of x and residual, writes y and h."""
     N = x.shape[-1]
-    x2 = x.reshape(-1, N)
+    x2 = x.reshape(-1, N).contiguous()  # kernels index rows with stride N
     y = torch.empty_like(x2)
     if residual is None:
         h, r = x, x2
     else:
-        r = residual.reshape(-1, N)
+        r = residual.reshape(-1, N).contiguous()
         h = torch.empty_like(x2)
     _add_rmsnorm_kernel[(x2.shape[0],)](x2, r, weight, y, h if residual is not None else y, N, eps,
                                         HAS_RES=residual is not None, BLOCK=_next_pow2(N))
@@ -148,6 +148,8 @@ def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, cache_pos, n_q, n_kv,
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     S = k_cache.shape[2]
+    qkv = qkv.contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty(B, n_q, D, dtype=qkv.dtype, device=qkv.device)
     has_norm = q_norm is not None
     _rope_cache_kernel[(B, n_q + 2 * n_kv)](
@@ -182,7 +184,7 @@ def decode_attention_ref(q, k_cache, v_cache, start, cache_pos, window, scale):
 def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, start_ptr, cp_ptr, o_ptr, ml_ptr, S, scale, window,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, SINGLE: tl.constexpr):
     G: tl.constexpr = HQ // HKV
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -228,9 +230,14 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, start_ptr, cp_ptr, o_ptr, ml_ptr, 
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     prow = (b * HQ + hk * G + g) * SPLITS + split
-    tl.store(o_ptr + prow[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
-    tl.store(ml_ptr + prow * 2, m_i, mask=gm)
-    tl.store(ml_ptr + prow * 2 + 1, l_i, mask=gm)
+    if SINGLE:  # one split: normalise and write the output directly, no combine launch
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + prow[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=gm[:, None] & dm[None, :])
+    else:
+        tl.store(o_ptr + prow[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
+        tl.store(ml_ptr + prow * 2, m_i, mask=gm)
+        tl.store(ml_ptr + prow * 2 + 1, l_i, mask=gm)
 
 
 @triton.jit
@@ -255,17 +262,22 @@ def decode_attention(q, k_cache, v_cache, start, cache_pos, window, scale, split
     once for its whole query group, then a combine kernel merges the splits."""
     B, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    q = q.contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
     if splits is None:
         # Enough programs to fill a GPU at batch 1; fewer when the batch already does.
-        splits = max(1, min(32, 256 // max(B * Hkv, 1), triton.cdiv(S, 64)))
-    part = torch.empty(B * Hq * splits, D, dtype=torch.float32, device=q.device)
-    ml = torch.empty(B * Hq * splits, 2, dtype=torch.float32, device=q.device)
+        splits = max(1, min(32, 256 // max(B * Hkv, 1), triton.cdiv(S, 128)))
+    out = torch.empty_like(q)
+    single = splits == 1
+    part = out if single else torch.empty(B * Hq * splits, D, dtype=torch.float32, device=q.device)
+    ml = part if single else torch.empty(B * Hq * splits, 2, dtype=torch.float32, device=q.device)
     _attn_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, start, cache_pos, part, ml, S, scale, int(window or 0),
         HQ=Hq, HKV=Hkv, D=D, SPLITS=splits, BLOCK_G=max(16, _next_pow2(Hq // Hkv)),
         BLOCK_N=64 if D <= 128 else 32, BLOCK_D=max(16, _next_pow2(D)),
-        IEEE=q.dtype == torch.float32)
-    out = torch.empty_like(q)
+        IEEE=q.dtype == torch.float32, SINGLE=single)
+    if single:
+        return out
     _attn_combine_kernel[(B * Hq,)](part, ml, out, D=D, SPLITS=splits,
                                     BLOCK_S=_next_pow2(splits), BLOCK_D=_next_pow2(D))
     return out
@@ -293,7 +305,7 @@ def _swiglu_kernel(gu_ptr, out_ptr, I, BLOCK: tl.constexpr):
 
 def swiglu(gu):
     I = gu.shape[-1] // 2
-    gu2 = gu.reshape(-1, 2 * I)
+    gu2 = gu.reshape(-1, 2 * I).contiguous()
     out = torch.empty(gu2.shape[0], I, dtype=gu.dtype, device=gu.device)
     BLOCK = min(1024, _next_pow2(I))
     _swiglu_kernel[(gu2.shape[0], triton.cdiv(I, BLOCK))](gu2, out, I, BLOCK=BLOCK)
