@@ -124,6 +124,13 @@ def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None 
     return path
 
 
+def gguf_tokenizer_pre(path) -> str | None:
+    """The llama.cpp pre-tokenizer name a GGUF file states; transformers drops it when it loads the
+    file, so pass it as ``tokenizer_pre`` when re-exporting a model that came from GGUF."""
+    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
 def _write(writer, tmp, config, tokenizer, plan, name, file_type, tokenizer_pre) -> None:
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.MODEL)

