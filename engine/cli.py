@@ -91,7 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="report dense and pruned perplexity on held-apart windows")
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--out", required=True, help="output folder")
+    _add_gguf(p, required=False)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="write a model (e.g. a pruned folder) as a GGUF file for llama.cpp")
+    _add_model(p)
+    _add_gguf(p, required=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="perplexity by the paper's protocol")
     _add_model(p)
@@ -112,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", type=int, default=6)
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _add_gguf(p, required: bool):
+    from .export_gguf import QTYPES
+
+    p.add_argument("--gguf", required=required, metavar="OUT.gguf", help="also write a GGUF file")
+    p.add_argument("--type", default="f16", choices=sorted(QTYPES), help="GGUF tensor type")
+
+
+def _export(args, model, tokenizer):
+    from .export_gguf import export_gguf, gguf_tokenizer_pre
+    from .models import default_model_path
+
+    source = str(args.model) if args.model else str(default_model_path())
+    pre = gguf_tokenizer_pre(source) if source.endswith(".gguf") else None
+    path = export_gguf(model, tokenizer, args.gguf, args.type, tokenizer_pre=pre)
+    print(f"wrote {path} ({args.type}, {path.stat().st_size / 2**20:.1f} MiB)")
 
 
 def _protect(args):
@@ -229,6 +252,13 @@ def cmd_prune(args):
     save_model(model, tokenizer, args.out, card)
     print(_table(rows, ["", "dense", "pruned"]))
     print(f"removed blocks {blocks} by {criterion}; saved to {args.out}")
+    if args.gguf:
+        _export(args, model, tokenizer)
+
+
+def cmd_export(args):
+    model, tokenizer = _load(args)
+    _export(args, model, tokenizer)
 
 
 def cmd_eval(args):

@@ -92,3 +92,13 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("depthcut: error: model file not found")
+
+
+def test_prune_and_export_gguf(tiny_model_dir, tmp_path, capsys):
+    gguf_path = tmp_path / "tiny.q8_0.gguf"
+    assert run("prune", tiny_model_dir, "--blocks", "2,5", "--out", tmp_path / "p", "--gguf", gguf_path,
+               "--type", "q8_0") == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_path.name)
+    assert loaded.config.num_hidden_layers == 6
+    assert run("export", tmp_path / "p", "--gguf", tmp_path / "again.gguf") == 0
+    assert "wrote" in capsys.readouterr().out
