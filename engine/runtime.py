@@ -5,8 +5,10 @@ per-layer cache bookkeeping, so deleting blocks barely shows up in tokens/s. Thi
 runtime keeps only what a decode step needs: merged QKV and gate/up weights, RoPE
 tables computed once, a static KV cache per (batch bucket, max length), and on CUDA
 a decode step captured as one CUDA graph (per batch bucket) over the fused Triton
-kernels of ``triton_kernels.decode``. On the CPU the same step runs on those kernels'
-PyTorch references. Blocks are a plain list, so a pruned model is just a shorter one.
+kernels of ``triton_kernels.decode``. On the CPU, where a step costs per-op dispatch
+plus weight bandwidth, a lean step with the fewest PyTorch calls runs instead, with
+optional bf16/fp16 weights over an fp32 residual stream. Blocks are a plain list, so a
+pruned model is just a shorter one.
 """
 from __future__ import annotations
 
@@ -34,6 +36,12 @@ def _lin(x, w, b=None):
     """Linear in the weights' dtype, result back in the activation dtype (bf16 weights
     with an fp32 residual stream on CPU keeps greedy tokens closer to fp32)."""
     return F.linear(x.to(w.dtype), w, b).to(x.dtype)
+
+
+def _lin_wide(x, w, b=None):
+    """Prefill on the CPU with fp16 weights: many-row fp16 GEMMs are slow there (no
+    native fp16 arithmetic), so upcast the weight and multiply in the activation dtype."""
+    return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
 @dataclass
@@ -110,8 +118,11 @@ class Runtime:
         if act_dtype is None:
             act_dtype = dtype if device.type == "cuda" else torch.float32
 
-        def t(x):
-            return None if x is None else x.detach().to(device=device, dtype=dtype).contiguous()
+        def t(x, dt=dtype):
+            return None if x is None else x.detach().to(device=device, dtype=dt).contiguous()
+
+        def norm(x):  # norm weights live in the activation dtype (tiny, and closer to HF fp32)
+            return t(x, act_dtype)
 
         def cat(mods, attr):
             parts = [getattr(m, attr) for m in mods]
@@ -128,10 +139,10 @@ class Runtime:
                 wo=t(a.o_proj.weight), bo=t(a.o_proj.bias),
                 wgu=cat((m.gate_proj, m.up_proj), "weight"), bgu=cat((m.gate_proj, m.up_proj), "bias"),
                 wd=t(m.down_proj.weight), bd=t(m.down_proj.bias),
-                ln1=t(layer.input_layernorm.weight), ln2=t(layer.post_attention_layernorm.weight),
-                q_norm=t(a.q_norm.weight) if hasattr(a, "q_norm") else None,
-                k_norm=t(a.k_norm.weight) if hasattr(a, "k_norm") else None,
-                qk_norm=t(torch.cat((a.q_norm.weight.expand(n_q, -1), a.k_norm.weight.expand(n_kv, -1))))
+                ln1=norm(layer.input_layernorm.weight), ln2=norm(layer.post_attention_layernorm.weight),
+                q_norm=norm(a.q_norm.weight) if hasattr(a, "q_norm") else None,
+                k_norm=norm(a.k_norm.weight) if hasattr(a, "k_norm") else None,
+                qk_norm=norm(torch.cat((a.q_norm.weight.expand(n_q, -1), a.k_norm.weight.expand(n_kv, -1))))
                 if hasattr(a, "q_norm") else None,
                 window=int(window) if window else None))
         embed = t(base.embed_tokens.weight)
@@ -141,7 +152,7 @@ class Runtime:
         head_dim = getattr(attn0, "head_dim", None) or getattr(cfg, "head_dim", None) \
             or cfg.hidden_size // cfg.num_attention_heads
         inv_freq, rope_scaling = _inv_freq(model, head_dim)
-        return cls(embed=embed, blocks=blocks, norm=t(base.norm.weight), lm_head=lm_head,
+        return cls(embed=embed, blocks=blocks, norm=norm(base.norm.weight), lm_head=lm_head,
                    n_q=n_q, n_kv=n_kv, head_dim=head_dim,
                    eps=cfg.rms_norm_eps, scale=getattr(attn0, "scaling", head_dim ** -0.5),
                    inv_freq=inv_freq.to(device), rope_scaling=rope_scaling, act_dtype=act_dtype,
@@ -167,7 +178,13 @@ class Runtime:
         s = self._sessions.get(batch)
         if s is None or s.max_len < max_len:
             self._sessions.pop(batch, None)
-            s = _Session(self, batch, -(-max_len // 128) * 128)
+            size = -(-max_len // 128) * 128
+            try:
+                s = _Session(self, batch, size)
+            except torch.cuda.OutOfMemoryError:  # other buckets' caches may be what is in the way
+                self.reset()
+                torch.cuda.empty_cache()
+                s = _Session(self, batch, size)
             self._sessions[batch] = s
         return s
 
@@ -180,10 +197,11 @@ class Runtime:
         causal |= torch.eye(T, dtype=torch.bool, device=ids.device)  # fully padded rows stay finite
         cos, sin = s.cos[pos].to(self.act_dtype)[:, None], s.sin[pos].to(self.act_dtype)[:, None]
         rep = self.n_q // self.n_kv
+        lin = _lin_wide if self.device.type == "cpu" and self.dtype == torch.float16 else _lin
         x = F.embedding(ids, self.embed).to(self.act_dtype)
         for li, b in enumerate(self.blocks):
             h = self._add_rmsnorm(x, None, b.ln1, self.eps)[0]
-            qkv = _lin(h, b.wqkv, b.bqkv).view(B, T, -1, self.head_dim).transpose(1, 2)
+            qkv = lin(h, b.wqkv, b.bqkv).view(B, T, -1, self.head_dim).transpose(1, 2)
             q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=1)
             if b.q_norm is not None:
                 q = self._add_rmsnorm(q, None, b.q_norm, self.eps)[0]
@@ -197,14 +215,14 @@ class Runtime:
                 allowed = causal & (i[None, :] > i[:, None] - b.window)[None] | torch.eye(T, dtype=torch.bool, device=ids.device)
             o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                                                attn_mask=allowed[:, None], scale=self.scale)
-            x = x + _lin(o.transpose(1, 2).reshape(B, T, -1), b.wo, b.bo)
+            x = x + lin(o.transpose(1, 2).reshape(B, T, -1), b.wo, b.bo)
             h = self._add_rmsnorm(x, None, b.ln2, self.eps)[0]
-            x = x + _lin(self._swiglu(_lin(h, b.wgu, b.bgu)), b.wd, b.bd)
+            x = x + lin(self._swiglu(lin(h, b.wgu, b.bgu)), b.wd, b.bd)
         x = self._add_rmsnorm(x if all_logits else x[:, -1], None, self.norm, self.eps)[0]
         s.cache_pos.fill_(T)
         s.pos.copy_(pos[:, -1] + 1)
         s.start.copy_(T - mask.sum(-1))
-        return _lin(x, self.lm_head).float()
+        return (lin if all_logits else _lin)(x, self.lm_head).float()  # one row: stay narrow
 
     def _step(self, s):
         """One decode step for every row of the session; logits [B, vocab] fp32."""
@@ -321,7 +339,8 @@ class Runtime:
 
         _sync(self.device)
         t0 = time.perf_counter()
-        nxt = sample(self._prefill(s, ids, mask))
+        logits = self._prefill(s, ids, mask)
+        nxt = sample(logits)
         _sync(self.device)
         t1 = time.perf_counter()
         n = 0
@@ -336,9 +355,13 @@ class Runtime:
             if stops is not None and n % check_every == 0 and bool(done[:B].all()):
                 break
             s.tok.copy_(nxt)
-            nxt = sample(self._decode(s))
+            logits = self._decode(s)
+            nxt = sample(logits)
         _sync(self.device)
         t2 = time.perf_counter()
+        if not bool(torch.isfinite(logits[:B]).all()):
+            raise RuntimeError(f"non-finite logits with {self.dtype} weights (fp16 overflow?): "
+                               "use bf16 or fp32")
         if stops is not None:  # drop trailing columns where every row had already stopped
             hit = torch.isin(out[:B, :n], stops)
             n = int(torch.where(hit.any(1), hit.int().argmax(1) + 1, n).max())

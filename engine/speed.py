@@ -7,6 +7,7 @@ slows both alike; ratios are therefore measured within one run, never across run
 """
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import resource
@@ -16,8 +17,30 @@ from pathlib import Path
 
 import torch
 
+SHAPES = {  # random-weight stand-ins for the GPU targets of SPEC §7
+    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                    rope_theta=100000.0),
+}
 GPU_PROTOCOL = dict(batch_sizes=(1, 8, 16, 32, 64, 128, 256), new_tokens=(128, 512), warmup=10, runs=20)
 CPU_PROTOCOL = dict(batch_sizes=(1,), new_tokens=(32, 128), warmup=1, runs=3)
+
+
+def random_model(shape: str, device=None, dtype=torch.bfloat16):
+    """A random-weight Llama of a named shape, built directly on the device."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
+    with torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+def tail_blocks(n_blocks: int, keep: int):
+    """Blocks to delete for a ``keep``-block variant: those just before the last two (the
+    "+" rule keeps the first 4 and last 2). Which blocks go does not change the speed."""
+    return list(range(n_blocks - 2 - (n_blocks - keep), n_blocks - 2)) if keep < n_blocks else None
 
 
 def machine() -> str:
@@ -77,59 +100,63 @@ def _backends(model, runtimes, hf):
     return fns
 
 
-def measure(model, runtimes, label, batch_sizes, new_tokens, warmup, runs, prompt_len=32, hf=True,
-            seed=0, log=print):
-    """Rows for one model (dense or pruned) over the protocol grid; ``runtimes`` maps a
-    backend name to a :class:`Runtime` built from ``model``."""
-    device = next(model.parameters()).device
-    fns = _backends(model, runtimes, hf)
-    n_blocks = model.config.num_hidden_layers
+def measure(variants, batch_sizes, new_tokens, warmup, runs, prompt_len=32, hf=True, seed=0, log=print):
+    """Rows over the protocol grid. ``variants`` is a list of (label, model, runtimes), where
+    ``runtimes`` maps a backend name to a :class:`Runtime` built from that model. Every
+    (variant, backend) pair runs once per timed repetition, in turn."""
+    device = next(variants[0][1].parameters()).device
+    fns, owners = {}, {}
+    for label, model, runtimes in variants:
+        for name, fn in _backends(model, runtimes, hf).items():
+            fns[label, name] = fn
+            owners[label, name] = (model, runtimes)
     rows = []
     for n in new_tokens:
         for B in batch_sizes:
             g = torch.Generator().manual_seed(seed)
-            ids = torch.randint(0, model.config.vocab_size, (B, prompt_len), generator=g).to(device)
+            vocab = variants[0][1].config.vocab_size
+            ids = torch.randint(0, vocab, (B, prompt_len), generator=g).to(device)
             mask = torch.ones_like(ids)
             times = {k: [] for k in fns}
             decode = {k: [] for k in fns}
-            toks, status = {}, {}
+            toks, status, peaks = {}, {}, {}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            peaks = {}
-            for name, fn in fns.items():
+            for key, fn in fns.items():
                 try:
                     for _ in range(warmup):
                         fn(ids, mask, n)
-                    status[name] = "ok"
+                    status[key] = "ok"
                 except torch.cuda.OutOfMemoryError:
-                    status[name] = "oom"
+                    status[key] = "oom"
                     torch.cuda.empty_cache()
-            for _ in range(runs):  # interleaved: both backends see the same machine load
-                for name, fn in fns.items():
-                    if status[name] != "ok":
+            for _ in range(runs):  # interleaved: every backend sees the same machine load
+                for key, fn in fns.items():
+                    if status[key] != "ok":
                         continue
                     base = 0
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                         base = torch.cuda.memory_allocated(device)
                     sec, (out, tok_s) = _timed(lambda: fn(ids, mask, n), device)
-                    peak = _peak_mib(device, base, _own_bytes(model, runtimes, name))
-                    peaks[name] = max(peaks.get(name, 0.0), peak)
-                    times[name].append(sec)
+                    peak = _peak_mib(device, base, _own_bytes(*owners[key], key[1]))
+                    peaks[key] = max(peaks.get(key, 0.0), peak)
+                    times[key].append(sec)
                     if tok_s is not None:
-                        decode[name].append(tok_s)
-                    toks[name] = out
-            for name in fns:
-                row = dict(model=label, blocks=n_blocks, backend=name, batch=B, new_tokens=n,
-                           status=status[name], device=machine())
-                if times[name]:
-                    lat = statistics.median(times[name])
-                    row.update(latency_s=lat, latency_std_s=statistics.pstdev(times[name]),
-                               throughput_tok_s=B * n / lat, peak_mem_mib=peaks[name])
-                    if decode[name]:
-                        row["decode_tok_s"] = statistics.median(decode[name])
-                if name != "hf" and "hf" in toks and name in toks:
-                    row["greedy_equal_to_hf"] = bool(torch.equal(toks[name].cpu(), toks["hf"].cpu()))
+                        decode[key].append(tok_s)
+                    toks[key] = out
+            for (label, name) in fns:
+                key = (label, name)
+                row = dict(model=label, blocks=owners[key][0].config.num_hidden_layers, backend=name,
+                           batch=B, new_tokens=n, status=status[key], device=machine())
+                if times[key]:
+                    lat = statistics.median(times[key])
+                    row.update(latency_s=lat, latency_std_s=statistics.pstdev(times[key]),
+                               throughput_tok_s=B * n / lat, peak_mem_mib=peaks[key])
+                    if decode[key]:
+                        row["decode_tok_s"] = statistics.median(decode[key])
+                if name != "hf" and (label, "hf") in toks and key in toks:
+                    row["greedy_equal_to_hf"] = bool(torch.equal(toks[key].cpu(), toks[label, "hf"].cpu()))
                 rows.append(row)
                 log(_fmt(row))
     return rows
@@ -186,12 +213,15 @@ def plot(rows, path):
 
 
 def speed_protocol(model, prune=None, *, batch_sizes=None, new_tokens=None, warmup=None, runs=None,
-                   dtypes=(None,), hf=True, prompt_len=32, out_dir=None, log=print):
-    """Run SPEC §5 on ``model`` (dense) and, when ``prune`` lists blocks to delete, on the
-    same model pruned in place afterwards (no second copy of the weights). One runtime
+                   dtypes=(None,), hf=True, prompt_len=32, interleave=None, out_dir=None, log=print):
+    """Run SPEC §5 on ``model`` (dense) and, when ``prune`` lists blocks to delete, on its
+    pruned form (see ``interleave``; ``model`` itself is pruned in place when not). One runtime
     backend per entry of ``dtypes`` (None: the model's dtype), plus HF generate when
-    ``hf``. Defaults: the full protocol on CUDA, a short one on CPU. Returns a dict; with
-    ``out_dir`` also writes ``speed.json`` and ``speed.png`` there."""
+    ``hf``. Defaults: the full protocol on CUDA, a short one on CPU. ``interleave``
+    (default: on CPU) keeps a pruned copy beside the dense model so both are timed in
+    the same repetitions. Returns a dict; with ``out_dir`` also writes ``speed.json``
+    and ``speed.png`` there."""
+    from .pruner import prune_blocks
     from .runtime import Runtime
 
     device = next(model.parameters()).device
@@ -199,19 +229,27 @@ def speed_protocol(model, prune=None, *, batch_sizes=None, new_tokens=None, warm
     for k, v in dict(batch_sizes=batch_sizes, new_tokens=new_tokens, warmup=warmup, runs=runs).items():
         if v is not None:
             proto[k] = v
-    rows = []
-    variants = [("dense", None)] + ([("pruned", sorted(prune))] if prune else [])
-    for label, blocks in variants:
-        if blocks:
-            from .pruner import prune_blocks
 
-            prune_blocks(model, blocks)
-        runtimes = {"runtime" + ("" if dt is None else "-" + str(dt).replace("torch.", "")):
-                    Runtime.from_hf(model, dtype=dt) for dt in dtypes}
-        rows += measure(model, runtimes, label, prompt_len=prompt_len, hf=hf, log=log, **proto)
-        del runtimes
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    def runtimes(m):
+        return {"runtime" + ("" if dt is None else "-" + str(dt).replace("torch.", "")):
+                Runtime.from_hf(m, dtype=dt) for dt in dtypes}
+
+    if interleave is None:
+        interleave = device.type == "cpu"
+    grid = dict(prompt_len=prompt_len, hf=hf, log=log, **proto)
+    if interleave:  # dense and pruned side by side: pruned/dense is a same-moment ratio
+        variants = [("dense", model, runtimes(model))]
+        if prune:
+            pruned = prune_blocks(copy.deepcopy(model), prune)
+            variants.append(("pruned", pruned, runtimes(pruned)))
+        rows = measure(variants, **grid)
+    else:  # one model in memory at a time: the dense one is pruned in place afterwards
+        rows = measure([("dense", model, runtimes(model))], **grid)
+        if prune:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            prune_blocks(model, prune)
+            rows += measure([("pruned", model, runtimes(model))], **grid)
     result = dict(machine=machine(), torch=torch.__version__, protocol=proto, prompt_len=prompt_len,
                   model_dtype=str(next(model.parameters()).dtype), pruned_blocks=prune,
                   peak_mem_note=("backend's own weights/cache + what its run allocated" if device.type == "cuda"
