@@ -362,10 +362,10 @@ class Runtime:
         if not bool(torch.isfinite(logits[:B]).all()):
             raise RuntimeError(f"non-finite logits with {self.dtype} weights (fp16 overflow?): "
                                "use bf16 or fp32")
+        steps = n - 1  # decode forwards actually run
         if stops is not None:  # drop trailing columns where every row had already stopped
             hit = torch.isin(out[:B, :n], stops)
             n = int(torch.where(hit.any(1), hit.int().argmax(1) + 1, n).max())
-        steps = n - 1
         stats = dict(batch=B, prompt_tokens=T, new_tokens=n, prefill_s=t1 - t0, decode_s=t2 - t1,
                      decode_tok_s=B * steps / (t2 - t1) if steps and t2 > t1 else float("nan"))
         return out[:B, :n], stats
