@@ -23,6 +23,19 @@ def _dtype(name: str | None):
     return getattr(torch, DTYPES[name]) if name and DTYPES.get(name) else None
 
 
+RUNTIME_DTYPES = {"model": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _runtime_dtype(name: str):
+    import torch
+
+    return getattr(torch, RUNTIME_DTYPES[name]) if RUNTIME_DTYPES[name] else None
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def _size(text: str) -> int:
     """'8GiB', '512MiB', '2e9' -> bytes."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -106,12 +119,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=0, help="evaluate only the first N windows (0 = all)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="generate text")
+    p = sub.add_parser("generate", help="generate text; prints prefill time and decode tokens/s")
     _add_model(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--backend", choices=("runtime", "hf"), default="runtime",
+                   help="depthcut's static-cache runtime, or Hugging Face generate to compare")
+    p.add_argument("--runtime-dtype", choices=sorted(RUNTIME_DTYPES), default="model",
+                   help="runtime weight dtype (fp16 weights decode fastest on CPUs)")
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="the paper's speed protocol: runtime vs HF generate, dense vs pruned")
+    _add_model(p)
+    p.add_argument("--shape", choices=("llama7b", "smollm2"), help="random-weight model of this shape instead")
+    p.add_argument("--keep", type=int, help="blocks the pruned variant keeps (default: 80%%)")
+    p.add_argument("--batch-sizes", type=_ints, help="e.g. 1,8,16 (default: SPEC grid on GPU, 1 on CPU)")
+    p.add_argument("--new-tokens", type=_ints, help="e.g. 128,512")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--runs", type=int)
+    p.add_argument("--runtime-dtypes", default=None, help="comma list of model,fp32,bf16,fp16")
+    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    p.add_argument("--out", default="bench", help="folder for speed.json and speed.png")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole job on the bundled SmolLM2: score, prune 3 ways, evaluate")
     p.add_argument("--out", default="out")
@@ -287,9 +322,54 @@ def cmd_generate(args):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.backend == "runtime":
+        from .runtime import Runtime
+
+        try:
+            runtime = Runtime.from_hf(model, dtype=_runtime_dtype(args.runtime_dtype))
+        except ValueError as e:
+            raise DepthcutError(f"{e} (use --backend hf)") from None
+        generator = torch.Generator(device=ids.device).manual_seed(args.seed)
+        tokens, stats = runtime.generate(ids, max_new_tokens=args.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id],
+                                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                         generator=generator, **sampling)
+        new = tokens[0]
+        prefill_s, decode_tok_s = stats["prefill_s"], stats["decode_tok_s"]
+    else:
+        torch.manual_seed(args.seed)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model(ids)  # prefill alone, timed separately like llama.cpp reports it
+            prefill_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, **sampling)
+            elapsed = time.perf_counter() - t0
+        new = out[0, ids.shape[1]:]
+        decode_tok_s = max(len(new) - 1, 1) / max(elapsed - prefill_s, 1e-9)
+    print(tokenizer.decode(new, skip_special_tokens=True))
+    print(f"prefill {ids.shape[1]} tokens: {prefill_s * 1e3:.1f} ms; decode: {decode_tok_s:.1f} tok/s "
+          f"({args.backend})", file=sys.stderr)
+
+
+def cmd_bench(args):
+    from .speed import random_model, speed_protocol, tail_blocks
+
+    model = random_model(args.shape) if args.shape else _load(args)[0]
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    names = (args.runtime_dtypes or ("model" if on_gpu else "model,fp16")).split(",")
+    unknown = [n for n in names if n not in RUNTIME_DTYPES]
+    if unknown:
+        raise DepthcutError(f"unknown runtime dtype {unknown}; choose from {', '.join(RUNTIME_DTYPES)}")
+    n = model.config.num_hidden_layers
+    result = speed_protocol(model, tail_blocks(n, args.keep or round(0.8 * n)), batch_sizes=args.batch_sizes,
+                            new_tokens=args.new_tokens, warmup=args.warmup, runs=args.runs,
+                            dtypes=[_runtime_dtype(x) for x in names], hf=not args.no_hf, out_dir=args.out)
+    print(f"\n{result['machine']}: ratios measured in this run")
+    for r in result["ratios"]:
+        print(f"  {r['what']:<24} {r.get('model', r.get('backend')):>12} B={r['batch']:<4} "
+              f"n={r['new_tokens']:<4} {r['ratio']:6.2f}x")
+    print(f"wrote {args.out}/speed.json and {args.out}/speed.png")
 
 
 def cmd_demo(args):

@@ -19,6 +19,7 @@ from .calibration import Calibration
 from .evaluate import perplexity
 from .models import load_model
 from .pruner import prune_blocks, save_model
+from .runtime import Runtime
 from .scores import Protect
 from .scoring import score
 
@@ -26,13 +27,15 @@ CRITERIA = ("ppl", "taylor", "magnitude")
 PROMPT = "Explain what a Python generator is."
 
 
-def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
+def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> tuple[str, float]:
+    """Greedy answer from depthcut's runtime, and its decode speed in tokens/s."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    tokens, stats = Runtime.from_hf(model).generate(ids, max_new_tokens=max_new_tokens,
+                                                    stop_token_ids=[tokenizer.eos_token_id],
+                                                    pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(tokens[0], skip_special_tokens=True), stats["decode_tok_s"]
 
 
 def run_demo(out: str | Path = "out", remove: int = 6, eval_windows: int = 40) -> dict:
@@ -61,7 +64,7 @@ def run_demo(out: str | Path = "out", remove: int = 6, eval_windows: int = 40) -
         save_model(pruned, tokenizer, out / f"pruned-{criterion}", card)
         rows.append({"criterion": criterion, "removed": blocks, "ppl": ppl})
         if criterion == "ppl":
-            sample = generate_sample(pruned, tokenizer, PROMPT)
+            sample, decode_tok_s = generate_sample(pruned, tokenizer, PROMPT)
         del pruned
     report = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
@@ -74,6 +77,7 @@ def run_demo(out: str | Path = "out", remove: int = 6, eval_windows: int = 40) -
         "pruned": rows,
         "sample_prompt": PROMPT,
         "sample_pruned_by_ppl": sample,
+        "sample_decode_tok_s": round(decode_tok_s, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
@@ -94,6 +98,7 @@ def render_report(r: dict) -> str:
         f"| dense (30 blocks) | - | {r['dense_ppl']:.2f} |",
     ]
     lines += [f"| pruned by {p['criterion']} | {p['removed']} | {p['ppl']:.2f} |" for p in r["pruned"]]
-    lines += ["", f"Prompt: {r['sample_prompt']}", "", "Pruned (by PPL) model's answer:", "",
+    lines += ["", f"Prompt: {r['sample_prompt']}", "",
+              f"Pruned (by PPL) model's answer (depthcut runtime, {r['sample_decode_tok_s']} tok/s):", "",
               "> " + r["sample_pruned_by_ppl"].replace("\n", "\n> "), ""]
     return "\n".join(lines)

@@ -102,3 +102,28 @@ def test_prune_and_export_gguf(tiny_model_dir, tmp_path, capsys):
     assert loaded.config.num_hidden_layers == 6
     assert run("export", tmp_path / "p", "--gguf", tmp_path / "again.gguf") == 0
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["runtime", "hf"])
+def test_generate_prints_text_and_speed(tiny_model_dir, backend, capsys):
+    assert run("generate", tiny_model_dir, "--prompt", "def f(x):", "--max-new-tokens", 6, "--backend", backend) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip()
+    assert "decode:" in captured.err and "tok/s" in captured.err and f"({backend})" in captured.err
+
+
+def test_runtime_and_hf_generate_agree(tiny_model_dir, capsys):
+    texts = []
+    for backend in ("runtime", "hf"):
+        run("generate", tiny_model_dir, "--prompt", "import os", "--max-new-tokens", 8, "--backend", backend)
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+
+
+def test_bench_writes_json_and_plot(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert run("bench", tiny_model_dir, "--batch-sizes", 1, "--new-tokens", 4, "--warmup", 0, "--runs", 1,
+               "--out", out) == 0
+    data = json.loads((out / "speed.json").read_text())
+    assert data["ratios"] and (out / "speed.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ratios measured in this run" in capsys.readouterr().out
