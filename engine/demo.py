@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from .pruner import prune_blocks, save_model
 from .runtime import Runtime
 from .scores import Protect
 from .scoring import score
+from .speed import machine
 
 CRITERIA = ("ppl", "taylor", "magnitude")
 PROMPT = "Explain what a Python generator is."
@@ -67,7 +67,7 @@ def run_demo(out: str | Path = "out", remove: int = 6, eval_windows: int = 40) -
             sample, decode_tok_s = generate_sample(pruned, tokenizer, PROMPT)
         del pruned
     report = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+        "machine": machine(),
         "model": "SmolLM2-135M-Instruct (30 blocks, fp32 on CPU)",
         "load_seconds": round(load_s, 1),
         "scoring_seconds": round(scores.meta["seconds"], 1),

@@ -167,10 +167,13 @@ class Plan:
     windows_per_chunk: int
     variant_batch: int
     fixed_shapes: bool
+    variants: int  # streams carried: 1 + L for the PPL criterion, else the full model alone
 
-    def slots(self, num_blocks: int) -> int:
-        live = num_blocks + 1
-        return math.ceil(live / self.variant_batch) * self.variant_batch if self.fixed_shapes else live
+    @property
+    def slots(self) -> int:
+        if not self.fixed_shapes:
+            return self.variants
+        return math.ceil(self.variants / self.variant_batch) * self.variant_batch
 
 
 def default_budget(device: torch.device) -> int:
@@ -181,22 +184,25 @@ def default_budget(device: torch.device) -> int:
 
 
 def make_plan(adapter: ModelAdapter, n_windows: int, seq_len: int, dtype: torch.dtype, device: torch.device,
-              max_memory: int | None, keep_stream: bool) -> Plan:
+              max_memory: int | None, keep_stream: bool, variants: int) -> Plan:
     """Windows per token chunk from the buffer size, variants per call from activation size."""
     cfg = adapter.config
     esize = torch.finfo(dtype).bits // 8
     hidden = cfg.hidden_size
     budget = max_memory or default_budget(device)
-    slots = adapter.num_blocks + 1
+    slots = variants
     per_window = slots * seq_len * hidden * esize * (2 if keep_stream else 1)
     windows = max(1, min(n_windows, int(budget * 0.5) // max(per_window, 1)))
     heads = cfg.num_attention_heads
     per_row = seq_len * (8 * hidden + 3 * cfg.intermediate_size + 2 * heads * seq_len) * esize
     variant_batch = max(1, min(slots, int(budget * 0.5) // max(windows * per_row, 1)))
     fixed = device.type == "cuda"
-    if fixed:  # equal groups: every call has the same shape, so attention plans are built once
+    if fixed:
+        # Equal groups: every call has the same shape, so attention plans are built once. A
+        # group computes all its slots, live or not, so at least 8 groups keep that waste small.
+        variant_batch = min(variant_batch, math.ceil(slots / 8))
         variant_batch = math.ceil(slots / math.ceil(slots / variant_batch))
-    return Plan(windows, variant_batch, fixed)
+    return Plan(windows, variant_batch, fixed, variants)
 
 
 class SinglePass:
@@ -223,7 +229,9 @@ class SinglePass:
                 raise DepthcutError(f"angular window {n} must be between 1 and {len(layer_ids)}")
         want_taylor = "taylor" in self.criteria
         keep_stream = want_taylor or bool(self.windows)
-        plan = make_plan(adapter, n_windows, seq_len, self.dtype, self.device, self.max_memory, keep_stream)
+        variants = len(layer_ids) + 1 if "ppl" in self.criteria else 1
+        plan = make_plan(adapter, n_windows, seq_len, self.dtype, self.device, self.max_memory, keep_stream,
+                         variants)
         calls = BlockCalls(adapter, seq_len, self.device)
         result = PassResult(len(layer_ids))
         chunks = range(0, n_windows, plan.windows_per_chunk)
@@ -253,18 +261,19 @@ class SinglePass:
         n, t = ids.shape
         L = len(layer_ids)
         h = calls.embed(ids)
-        buf = h.new_zeros((plan.slots(L), n, t, h.shape[-1]))
+        buf = h.new_zeros((plan.slots, n, t, h.shape[-1]))
         buf[0] = h
         stream = [h] if (taylor or self.windows) else None
         cos_sum = torch.zeros(L, dtype=torch.float64, device=self.device)
         for pos, i in enumerate(layer_ids):
             h_in = buf[0].clone()
-            live = pos + 1
+            live = min(pos + 1, plan.variants)
             for s in range(0, live, plan.variant_batch):
                 e = s + plan.variant_batch if plan.fixed_shapes else min(s + plan.variant_batch, live)
                 out = calls(i, buf[s:e].view(-1, t, buf.shape[-1])).view(e - s, n, t, -1)
                 buf[s:min(e, live)] = out[:min(e, live) - s]
-            buf[pos + 1] = h_in
+            if plan.variants > 1:
+                buf[pos + 1] = h_in
             cos_sum[pos] = _cos(h_in, buf[0]).sum()
             if stream is not None:
                 stream.append(buf[0].clone())
@@ -274,7 +283,7 @@ class SinglePass:
             ang = torch.stack([(torch.arccos(_cos(stream[p], stream[p + w]).clamp(-1, 1)) / math.pi).sum()
                                for p in range(L - w + 1)])
             result.angular[w] = _add(result.angular.get(w), ang.double().cpu())
-        result.nll = _add(result.nll, self._variant_nll(buf[:L + 1], ids).cpu())
+        result.nll = _add(result.nll, self._variant_nll(buf[:plan.variants], ids).cpu())
         if taylor is not None:
             first_order = self._backward(calls, stream, ids, layer_ids, result.count, taylor, bar)
             result.first_order = _add(result.first_order, first_order)
@@ -345,7 +354,7 @@ def score_single_pass(model, input_ids: torch.Tensor, criteria: set[str], window
         "variant_batch": sp.plan.variant_batch,
         "taylor_accumulator_bytes": sp.taylor_accumulator_bytes,
         "dtype": str(sp.dtype).replace("torch.", ""),
-        "block_evaluations": L + L * (L - 1) // 2,
+        "block_evaluations": L + L * (L - 1) // 2 if "ppl" in criteria else L,
     }
     return scores, meta
 

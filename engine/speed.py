@@ -44,9 +44,16 @@ def tail_blocks(n_blocks: int, keep: int):
 
 
 def machine() -> str:
+    """The GPU's name, or the CPU's model name and torch's thread count."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def _timed(fn, device):

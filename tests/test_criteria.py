@@ -97,7 +97,7 @@ def test_fused_with_fixed_shape_groups_equals_reference():
     model = tiny_model("llama", seed=8)
     ids = random_tokens(model, 3, 15)
     sp = single_pass.SinglePass(model, {"ppl"})
-    plan = single_pass.Plan(windows_per_chunk=2, variant_batch=4, fixed_shapes=True)
+    plan = single_pass.Plan(windows_per_chunk=2, variant_batch=4, fixed_shapes=True, variants=9)
     orig = single_pass.make_plan
     single_pass.make_plan = lambda *a, **k: plan
     try:
@@ -152,3 +152,14 @@ def test_bad_criteria_and_backend():
         engine.score(model, ids, ["perplexity"])
     with pytest.raises(engine.DepthcutError, match="unknown backend"):
         engine.score(model, ids, ["ppl"], backend="magic")
+
+
+def test_without_ppl_only_the_full_stream_is_walked():
+    model = tiny_model("qwen3", seed=12)
+    ids = random_tokens(model, 3, 19)
+    alone = engine.score(model, ids, ["taylor", "bi"], progress=False)
+    ref = engine.score(model, ids, ["taylor", "bi"], backend="reference", progress=False)
+    assert alone.meta["block_evaluations"] == 8
+    for c in ("taylor", "bi"):
+        assert rel(alone[c], ref[c]) < 1e-4
+    assert abs(alone.meta["dense_ppl"] - perplexity(model, ids)) / alone.meta["dense_ppl"] < 1e-5
