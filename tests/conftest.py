@@ -8,7 +8,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, interpreted
+
 from tiny_models import tiny_model  # noqa: E402
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Tiny CPU ops only lose from OpenMP barriers on a loaded 2-core machine; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

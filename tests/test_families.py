@@ -24,17 +24,12 @@ REMOVE = [1, 3]  # leaves a layer_types pattern that no prefix of the original l
 
 # Every family as tests/tiny_models.py builds it, plus the per-layer forms that configs on the
 # Hub also use: Qwen's "first k blocks full, the rest sliding" and Gemma3's period pattern.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 CASES = {family: (family, {}) for family in FAMILIES}
 CASES["qwen2_sliding"] = ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 4})
 CASES["gemma3_pattern"] = ("gemma3_text", {"sliding_window_pattern": 3, "layer_types": None})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

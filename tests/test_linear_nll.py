@@ -1,30 +1,19 @@
 """Fused linear + log-softmax + NLL: Triton vs torch reference, and the reference vs full logits."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from triton_kernels.linear_nll import (  # noqa: E402
+from triton_kernels.linear_nll import (
     linear_nll_backward,
     linear_nll_backward_reference,
     linear_nll_forward,
     linear_nll_reference,
 )
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """Tiny CPU ops only lose from OpenMP barriers on a loaded 2-core machine; restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 SHAPES = [(1, 97, 16), (7, 211, 48), (33, 1000, 72), (130, 97, 48), (130, 1000, 16), (33, 211, 72)]  # (M, V, H)
 SOFTCAPS = [None, 3.0]
 

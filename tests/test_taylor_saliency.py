@@ -1,24 +1,13 @@
 """Triton Taylor saliency vs its torch reference, and the reference vs the explicit definition."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_kernels.taylor_saliency import taylor_saliency, taylor_saliency_reference
 
-from triton_kernels.taylor_saliency import taylor_saliency, taylor_saliency_reference  # noqa: E402
-
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """Tiny CPU ops only lose from OpenMP barriers on a loaded 2-core machine; restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 SHAPES = [(1, 16, 16), (7, 40, 24), (33, 97, 72), (130, 16, 48), (130, 97, 24)]  # (M, N, K)
 
 
