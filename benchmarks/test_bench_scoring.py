@@ -25,32 +25,18 @@ def setup():
     return model, random_tokens(model, 10, 128)
 
 
-@pytest.mark.benchmark(group="ppl")
-def test_fused_ppl(benchmark, setup):
+RUNS = {
+    "ppl": {"fused": lambda m, x: engine.score(m, x, ["ppl"], progress=False),
+            "reference": reference.ppl_scores},
+    "taylor": {"fused": lambda m, x: engine.score(m, x, ["taylor"], progress=False),
+               "reference": reference.taylor_scores},
+    "all": {"fused bf16": lambda m, x: engine.score(m, x, ["ppl", "taylor", "magnitude", "bi"],
+                                                     dtype=torch.bfloat16, progress=False)},
+}
+
+
+@pytest.mark.parametrize("group, backend", [(g, b) for g, runs in RUNS.items() for b in runs])
+def test_scoring(benchmark, setup, group, backend):
     model, ids = setup
-    benchmark.pedantic(lambda: engine.score(model, ids, ["ppl"], progress=False), rounds=3)
-
-
-@pytest.mark.benchmark(group="ppl")
-def test_reference_ppl(benchmark, setup):
-    model, ids = setup
-    benchmark.pedantic(lambda: reference.ppl_scores(model, ids), rounds=3)
-
-
-@pytest.mark.benchmark(group="taylor")
-def test_fused_taylor(benchmark, setup):
-    model, ids = setup
-    benchmark.pedantic(lambda: engine.score(model, ids, ["taylor"], progress=False), rounds=3)
-
-
-@pytest.mark.benchmark(group="taylor")
-def test_reference_taylor(benchmark, setup):
-    model, ids = setup
-    benchmark.pedantic(lambda: reference.taylor_scores(model, ids), rounds=3)
-
-
-@pytest.mark.benchmark(group="all")
-def test_fused_all_criteria_bf16(benchmark, setup):
-    model, ids = setup
-    benchmark.pedantic(lambda: engine.score(model, ids, ["ppl", "taylor", "magnitude", "bi"],
-                                            dtype=torch.bfloat16, progress=False), rounds=3)
+    benchmark.group = group
+    benchmark.pedantic(lambda: RUNS[group][backend](model, ids), rounds=3)
