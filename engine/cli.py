@@ -231,6 +231,13 @@ def cmd_score(args):
     scores.save_json(out, protect)
     scores.plot(out.with_suffix(".png"), protect)
     _print_scores(scores, protect)
+    meta = scores.meta
+    if "taylor_ppl_estimate_spearman" in meta:
+        print(f"first-order PPL estimate from the Taylor backward: Spearman {meta['taylor_ppl_estimate_spearman']:.3f} "
+              f"against the exact PPL criterion")
+    if "iterative" in meta:
+        steps = ", ".join(f"{b} ({p:.2f})" for b, p in zip(meta["iterative"]["order"], meta["iterative"]["ppl_after_each"]))
+        print(f"iterative PPL removal order (perplexity after each): {steps}")
     print(f"scored {scores.num_blocks} blocks on {calibration.num_tokens} tokens in {scores.meta['seconds']:.1f} s "
           f"({scores.meta['backend']}); wrote {out} and {out.with_suffix('.png')}")
 
