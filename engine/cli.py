@@ -13,23 +13,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .errors import DepthcutError  # noqa: E402
 
-DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+# One dtype vocabulary for every flag; "auto" is the device default when loading, the
+# model's own dtype for the fused pass and the runtime.
+DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _dtype(name: str | None):
     import torch
 
-    return getattr(torch, DTYPES[name]) if name and DTYPES.get(name) else None
-
-
-RUNTIME_DTYPES = {"model": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _runtime_dtype(name: str):
-    import torch
-
-    return getattr(torch, RUNTIME_DTYPES[name]) if RUNTIME_DTYPES[name] else None
+    return getattr(torch, DTYPES[name]) if DTYPES.get(name) else None
 
 
 def _ints(text: str) -> list[int]:
@@ -126,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--backend", choices=("runtime", "hf"), default="runtime",
                    help="depthcut's static-cache runtime, or Hugging Face generate to compare")
-    p.add_argument("--runtime-dtype", choices=sorted(RUNTIME_DTYPES), default="model",
+    p.add_argument("--runtime-dtype", choices=sorted(DTYPES), default="auto",
                    help="runtime weight dtype (fp16 weights decode fastest on CPUs)")
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -143,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=_ints, help="e.g. 128,512")
     p.add_argument("--warmup", type=int)
     p.add_argument("--runs", type=int)
-    p.add_argument("--runtime-dtypes", default=None, help="comma list of model,fp32,bf16,fp16")
+    p.add_argument("--runtime-dtypes", default=None, help="comma list of auto,fp32,bf16,fp16")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     p.add_argument("--out", default="bench", help="folder for speed.json and speed.png")
     p.set_defaults(func=cmd_bench)
@@ -334,7 +326,7 @@ def cmd_generate(args):
         from .runtime import Runtime
 
         try:
-            runtime = Runtime.from_hf(model, dtype=_runtime_dtype(args.runtime_dtype))
+            runtime = Runtime.from_hf(model, dtype=_dtype(args.runtime_dtype))
         except ValueError as e:
             raise DepthcutError(f"{e} (use --backend hf)") from None
         generator = torch.Generator(device=ids.device).manual_seed(args.seed)
@@ -364,14 +356,14 @@ def cmd_bench(args):
 
     model = random_model(args.shape) if args.shape else _load(args)[0]
     on_gpu = next(model.parameters()).device.type == "cuda"
-    names = (args.runtime_dtypes or ("model" if on_gpu else "model,fp16")).split(",")
-    unknown = [n for n in names if n not in RUNTIME_DTYPES]
+    names = (args.runtime_dtypes or ("auto" if on_gpu else "auto,fp16")).split(",")
+    unknown = [n for n in names if n not in DTYPES]
     if unknown:
-        raise DepthcutError(f"unknown runtime dtype {unknown}; choose from {', '.join(RUNTIME_DTYPES)}")
+        raise DepthcutError(f"unknown runtime dtype {unknown}; choose from {', '.join(DTYPES)}")
     n = model.config.num_hidden_layers
     result = speed_protocol(model, tail_blocks(n, args.keep or round(0.8 * n)), batch_sizes=args.batch_sizes,
                             new_tokens=args.new_tokens, warmup=args.warmup, runs=args.runs,
-                            dtypes=[_runtime_dtype(x) for x in names], hf=not args.no_hf, out_dir=args.out)
+                            dtypes=[_dtype(x) for x in names], hf=not args.no_hf, out_dir=args.out)
     print(f"\n{result['machine']}: ratios measured in this run")
     for r in result["ratios"]:
         print(f"  {r['what']:<24} {r.get('model', r.get('backend')):>12} B={r['batch']:<4} "
