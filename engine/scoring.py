@@ -70,8 +70,8 @@ def score(
             scores["taylor"] = reference.taylor_scores(model, ids)
         if {"bi", "angular"} & data_criteria:
             stream = reference.stream_scores(model, ids, windows)
-            scores.update({k: v for k, v in stream.items() if k == "bi" and "bi" in names or
-                           k.startswith("angular") and "angular" in names})
+            wanted = lambda key: key.rstrip("0123456789") in names  # noqa: E731 ("angular3" -> "angular")
+            scores.update({k: v for k, v in stream.items() if wanted(k)})
     if "magnitude" in names:
         scores["magnitude"] = reference.magnitude_scores(model)
     if iterative:
