@@ -102,3 +102,35 @@ def test_taylor_saliency_cuda(monkeypatch, mode):
     got = kernels.taylor_saliency(x, dy, w)
     ref = (w.double() * (dy.double().T @ x.double())).abs().sum()
     torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-3)
+
+
+FALLBACK_SCRIPT = """
+import sys, warnings
+sys.modules["engine._C"] = None  # as if the extension had not been built
+sys.path.insert(0, "tests")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import engine
+    from engine._ext import HAS_EXT
+from tiny_models import random_tokens, tiny_model
+model = tiny_model("llama")
+scores = engine.score(model, random_tokens(model, 2, 9), ["ppl", "taylor"], progress=False)
+messages = [str(w.message) for w in caught if "engine._C" in str(w.message)]
+print(HAS_EXT, len(messages), len(scores["ppl"]), len(scores["taylor"]))
+"""
+
+
+@pytest.mark.parametrize("env", [{}, {"DEPTHCUT_NO_EXT": "1"}])
+def test_package_works_without_the_extension(env):
+    """One warning when the extension is missing (none when skipped on purpose), then pure torch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    warned = "0" if env else "1"
+    assert proc.stdout.split() == ["False", warned, "8", "8"]
