@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run the GPU tests, run the scoring and decode benchmarks,
 # print a short table. Meant for the H100 image (Python 3.12, torch+CUDA, triton, transformers,
-# nvcc, ninja, no internet). Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]
+# nvcc, ninja, no internet). The image lacks the pure-Python `gguf` package: before the device
+# call, on the CPU machine, `pip download --no-deps -d .whl gguf==0.19.0` and name `.whl` in the
+# run's carry. Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/depthcut-gpu}}
@@ -13,6 +15,7 @@ git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 step() { echo; echo "== $1"; }
 
 step "build engine._C (CUDA)"
+if ls .whl/*.whl >/dev/null 2>&1; then python -m pip install -q --no-index --no-deps .whl/*.whl; fi
 python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
 python -c "import engine._ext as e; print('extension loaded:', e.HAS_EXT)"
 
