@@ -12,6 +12,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -60,17 +61,132 @@ _LLAMA_STYLE_TENSORS = {
 }
 
 
+# Gemma 2/3 and OLMo2 norm the sublayer outputs too; Gemma 3 and OLMo2 norm q and k.
+_GEMMA_TENSORS = {k: v for k, v in _LLAMA_STYLE_TENSORS.items() if "_norm" not in k}
+_GEMMA2_TENSORS = {
+    **_GEMMA_TENSORS,
+    "model.layers.{bid}.post_attention_layernorm": T.ATTN_POST_NORM,
+    "model.layers.{bid}.pre_feedforward_layernorm": T.FFN_NORM,
+    "model.layers.{bid}.post_feedforward_layernorm": T.FFN_POST_NORM,
+}
+_GEMMA3_TENSORS = {
+    **_GEMMA2_TENSORS,
+    "model.layers.{bid}.self_attn.q_norm": T.ATTN_Q_NORM,
+    "model.layers.{bid}.self_attn.k_norm": T.ATTN_K_NORM,
+}
+# OLMo2 has no pre-norms: it norms the attention and MLP outputs (and the whole q and k projections).
+_OLMO2_TENSORS = {
+    **{k: v for k, v in _LLAMA_STYLE_TENSORS.items() if "layernorm" not in k},
+    "model.layers.{bid}.post_attention_layernorm": T.ATTN_POST_NORM,
+    "model.layers.{bid}.post_feedforward_layernorm": T.FFN_POST_NORM,
+}
+# Phi3 fuses q|k|v and gate|up; llama.cpp takes both fused as they are (its SwiGLU gates with the
+# first half of ffn_up, as Phi3MLP does).
+_PHI3_TENSORS = {
+    **{k: v for k, v in _LLAMA_STYLE_TENSORS.items()
+       if v not in (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.FFN_GATE, T.FFN_UP)},
+    "model.layers.{bid}.self_attn.qkv_proj": T.ATTN_QKV,
+    "model.layers.{bid}.mlp.gate_up_proj": T.FFN_UP,
+}
+_NORMS = {T.ATTN_NORM, T.FFN_NORM, T.OUTPUT_NORM, T.ATTN_POST_NORM, T.FFN_POST_NORM, T.ATTN_Q_NORM, T.ATTN_K_NORM}
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """How one transformers ``model_type`` becomes a llama.cpp architecture.
 
     ``interleaved_rope``: llama.cpp runs this architecture with RoPE on adjacent pairs (2i, 2i+1)
     while transformers rotates the two halves of each head (i, i + d/2), so q/k rows are reordered.
+    ``norm_offset``: added to every RMSNorm weight (Gemma's norms multiply by 1 + w in transformers
+    and by the stored weight in llama.cpp, so the file holds w + 1, as llama.cpp's converter writes).
+    ``metadata``: config -> [(GGUFWriter method, value)] for the family's own keys; it raises
+    GGUFExportError for a configuration llama.cpp's graph cannot reproduce.
+    ``sliding_window``: llama.cpp's graph for this architecture applies the window (per layer).
     """
 
     arch: gguf.MODEL_ARCH
     interleaved_rope: bool
     tensors: dict
+    norm_offset: float = 0.0
+    metadata: Callable | None = None
+    sliding_window: bool = False
+
+
+def _refuse(family: str, what: str):
+    raise GGUFExportError(f"GGUF export of {family}: {what}")
+
+
+def _sliding_pattern(config, family: str) -> list:
+    """Window and per-layer flags (True = sliding) from ``layer_types``, written as the per-layer
+    array llama.cpp reads for ``attention.sliding_window_pattern``: a pruned model's pattern is no
+    longer periodic, so the period llama.cpp would assume for the family must not be left to it."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or types is None:
+        _refuse(family, "needs sliding_window and layer_types in the config")
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown or len(types) != config.num_hidden_layers:
+        _refuse(family, f"layer_types must list sliding/full attention for each of the "
+                        f"{config.num_hidden_layers} blocks, not {types}")
+    return [("add_sliding_window", int(window)),
+            ("add_sliding_window_pattern", [t == "sliding_attention" for t in types])]
+
+
+# llama.cpp's gemma2/gemma3 scale q by 1/sqrt(head_dim), or by 1/sqrt(hidden / heads) when the block
+# count says "27B"; it does not read attention.scale for them (measured: a file stating another
+# scale runs with the size rule, logits off by ~50%).
+_LLAMA_CPP_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+
+
+def _query_scale(config, family: str) -> list:
+    """transformers scales q by query_pre_attn_scalar ** -0.5; refuse a model for which llama.cpp's
+    rule gives another scale (a pruned Gemma 2/3 27B: its block count no longer says 27B)."""
+    wanted = config.query_pre_attn_scalar
+    is_27b = config.num_hidden_layers == _LLAMA_CPP_27B_BLOCKS[family]
+    used = config.hidden_size // config.num_attention_heads if is_27b else config.head_dim
+    if wanted != used:
+        _refuse(family, f"transformers scales queries by query_pre_attn_scalar = {wanted} but llama.cpp "
+                        f"would use {used} ({'hidden / heads, its 27B rule' if is_27b else 'head_dim'}, from the "
+                        f"block count {config.num_hidden_layers}) and reads no scale from the file")
+    return [("add_attention_scale", float(wanted) ** -0.5)]  # for readers that honour it
+
+
+def _gemma2_metadata(config) -> list:
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, key, None) is None:
+            _refuse("gemma2", f"llama.cpp's gemma2 always soft-caps; {key} = None cannot be written")
+    return [("add_attn_logit_softcapping", float(config.attn_logit_softcapping)),
+            ("add_final_logit_softcapping", float(config.final_logit_softcapping)),
+            *_query_scale(config, "gemma2"), *_sliding_pattern(config, "gemma2")]
+
+
+def _gemma3_metadata(config) -> list:
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, key, None) is not None:
+            _refuse("gemma3", f"llama.cpp's gemma3 graph does not soft-cap ({key} = {getattr(config, key)})")
+    local = (config.rope_parameters or {}).get("sliding_attention") or {}
+    if local.get("rope_type", "default") != "default":
+        _refuse("gemma3", f"llama.cpp applies no RoPE scaling to sliding layers, not {local.get('rope_type')!r}")
+    return [("add_rope_freq_base_swa", float(local.get("rope_theta", 10000.0))),
+            *_query_scale(config, "gemma3"), *_sliding_pattern(config, "gemma3")]
+
+
+def _phi3_metadata(config) -> list:
+    meta = []
+    if getattr(config, "original_max_position_embeddings", None):
+        meta.append(("add_rope_scaling_orig_ctx_len", int(config.original_max_position_embeddings)))
+    if getattr(config, "sliding_window", None):
+        meta.append(("add_sliding_window", int(config.sliding_window)))  # llama.cpp reads it and disables it
+    return meta
+
+
+def _granite_metadata(config) -> list:
+    # llama.cpp's granite graph: embeddings * embedding_scale, q.k * attention_scale, each block's
+    # output * residual_scale before the residual add, logits / logit_scale: transformers' four.
+    return [("add_embedding_scale", float(config.embedding_multiplier)),
+            ("add_residual_scale", float(config.residual_multiplier)),
+            ("add_attention_scale", float(config.attention_multiplier)),
+            ("add_logit_scale", float(config.logits_scaling))]
 
 
 # Add a family with a row here (and a tensor table if its module names differ).
@@ -80,6 +196,13 @@ ARCHITECTURES = {
     "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, True, _LLAMA_STYLE_TENSORS),
     "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, False, _LLAMA_STYLE_TENSORS),
     "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3, False, _LLAMA_STYLE_TENSORS),
+    "gemma": ArchSpec(gguf.MODEL_ARCH.GEMMA, False, _GEMMA_TENSORS, 1.0),
+    "gemma2": ArchSpec(gguf.MODEL_ARCH.GEMMA2, False, _GEMMA2_TENSORS, 1.0, _gemma2_metadata, True),
+    "gemma3_text": ArchSpec(gguf.MODEL_ARCH.GEMMA3, False, _GEMMA3_TENSORS, 1.0, _gemma3_metadata, True),
+    # llama.cpp's phi3 graph has no sliding window (it reads the key and switches it off).
+    "phi3": ArchSpec(gguf.MODEL_ARCH.PHI3, False, _PHI3_TENSORS, metadata=_phi3_metadata),
+    "olmo2": ArchSpec(gguf.MODEL_ARCH.OLMO2, False, _OLMO2_TENSORS),
+    "granite": ArchSpec(gguf.MODEL_ARCH.GRANITE, True, _LLAMA_STYLE_TENSORS, metadata=_granite_metadata),
 }
 
 # Byte-level pre-tokenizer JSON (as ``tokenizers`` serialises it) -> llama.cpp ``tokenizer.ggml.pre``.
@@ -110,15 +233,17 @@ def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None 
     if spec is None:
         raise GGUFExportError(f"GGUF export does not support model_type {config.model_type!r}; "
                               f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    _check_config(config)
+    _check_config(config, spec)
+    family_meta = spec.metadata(config) if spec.metadata else []
     path = Path(path)
+    _check_name(name or path.stem, tokenizer)
     weight_type, file_type = QTYPES[qtype]
     plan = _tensor_plan(model, spec, weight_type)
 
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[spec.arch])
         try:
-            _write(writer, tmp, config, tokenizer, plan, name or path.stem, file_type, tokenizer_pre)
+            _write(writer, tmp, config, tokenizer, plan, name or path.stem, file_type, tokenizer_pre, family_meta)
         finally:
             writer.close()
     return path
@@ -131,32 +256,51 @@ def gguf_tokenizer_pre(path) -> str | None:
     return field.contents() if field is not None else None
 
 
-def _write(writer, tmp, config, tokenizer, plan, name, file_type, tokenizer_pre) -> None:
+def _write(writer, tmp, config, tokenizer, plan, name, file_type, tokenizer_pre, family_meta) -> None:
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.MODEL)
     _add_hparams(writer, config, file_type)
+    for method, value in family_meta:
+        getattr(writer, method)(value)
     _add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
     # Header first, then one tensor at a time: only one converted tensor is ever in memory.
-    for gguf_name, _, _, shape, ttype in plan:
+    for gguf_name, _, _, shape, ttype, _ in plan:
         writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(shape, ttype), raw_dtype=ttype)
     writer.write_header_to_file(tmp)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, tensor, permute_heads, _, ttype in plan:
-        writer.write_tensor_data(_convert(tensor, permute_heads, ttype))
+    for _, tensor, permute_heads, _, ttype, offset in plan:
+        writer.write_tensor_data(_convert(tensor, permute_heads, ttype, offset))
 
 
-def _check_config(config) -> None:
+def _rope(config) -> dict:
+    """The RoPE parameters of the full-attention layers (Gemma 3 keeps one dict per layer type)."""
     rope = getattr(config, "rope_parameters", None) or {}
+    return rope.get("full_attention", rope)
+
+
+def _check_config(config, spec: ArchSpec) -> None:
+    rope = _rope(config)
     if rope.get("rope_type", "default") not in ("default", "linear"):
         raise GGUFExportError(f"GGUF export supports default and linear RoPE, not {rope.get('rope_type')!r}")
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+    if window and not spec.sliding_window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
         warnings.warn(f"llama.cpp ignores the sliding window ({window}): outputs match only up to {window} tokens")
 
 
+def _check_name(name: str, tokenizer) -> None:
+    """llama.cpp sets Phi-3 token attributes when general.name contains "phi3"/"phi-3", looking up
+    four tokens by text; a vocabulary without one of them makes the load fail (unordered_map::at)."""
+    if any(k in name.lower() for k in ("phi3", "phi-3")):
+        missing = [t for t in ("</s>", "<unk>", "<s>", "<|endoftext|>") if t not in tokenizer.get_vocab()]
+        if missing:
+            raise GGUFExportError(f"llama.cpp cannot load a model named {name!r} (it treats 'phi3' names as "
+                                  f"Phi-3 and looks up {', '.join(missing)}, which this vocabulary lacks): "
+                                  "pass another name=")
+
+
 def _tensor_plan(model, spec: ArchSpec, weight_type: Q):
-    """[(gguf name, tensor, heads to un-rotate or None, numpy shape, ggml type)] in file order."""
+    """[(gguf name, tensor, heads to un-rotate or None, numpy shape, ggml type, offset)] in file order."""
     allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[spec.arch]}
     patterns = [(re.compile(re.escape(hf).replace(r"\{bid\}", r"(\d+)") + r"\.(weight|bias)$"), t)
                 for hf, t in spec.tensors.items()]
@@ -187,7 +331,8 @@ def _tensor_plan(model, spec: ArchSpec, weight_type: Q):
             if tensor.shape[-1] % gguf.GGML_QUANT_SIZES[ttype][0]:
                 fallbacks.append(gguf_name)
                 ttype = Q.F16
-        plan.append((gguf_name, tensor, permute_heads, tuple(tensor.shape), ttype))
+        offset = spec.norm_offset if target in _NORMS else 0.0
+        plan.append((gguf_name, tensor, permute_heads, tuple(tensor.shape), ttype, offset))
     if fallbacks:
         warnings.warn(f"{len(fallbacks)} tensors stored as f16: row length not a multiple of the "
                       f"{weight_type.name} block ({', '.join(fallbacks[:4])}{', ...' if len(fallbacks) > 4 else ''})")
@@ -199,8 +344,10 @@ def _nbytes(shape, ttype: Q) -> int:
     return int(np.prod(shape[:-1])) * shape[-1] // block * size
 
 
-def _convert(tensor: torch.Tensor, permute_heads: int | None, ttype: Q) -> np.ndarray:
+def _convert(tensor: torch.Tensor, permute_heads: int | None, ttype: Q, offset: float = 0.0) -> np.ndarray:
     data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+    if offset:
+        data = data + np.float32(offset)
     if permute_heads is not None:
         data = _interleave_rope_rows(data, permute_heads)
     return gguf.quants.quantize(data, ttype)
@@ -221,7 +368,7 @@ def _interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _add_hparams(writer: gguf.GGUFWriter, config, file_type: FT) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = _rope(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -230,7 +377,7 @@ def _add_hparams(writer: gguf.GGUFWriter, config, file_type: FT) -> None:
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

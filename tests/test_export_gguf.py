@@ -187,7 +187,8 @@ def test_bad_inputs(tokenizer, tmp_path):
     with pytest.raises(GGUFExportError, match="unknown GGUF type 'q3_k'.*q8_0"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf", "q3_k")
     model.config.model_type = "gpt_neox"
-    with pytest.raises(ValueError, match="'gpt_neox'; supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="'gpt_neox'; supported: gemma, gemma2, gemma3_text, granite, llama, "
+                                         "mistral, olmo2, phi3, qwen2, qwen3"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 
@@ -199,6 +200,122 @@ def test_failed_export_keeps_the_old_file(tokenizer, tmp_path):
     with pytest.raises(GGUFExportError, match="beyond the model's vocabulary"):
         export_gguf(small, tokenizer, good)
     assert good.read_bytes() == b"a good file" and list(tmp_path.iterdir()) == [good]
+
+
+# --- more families: gemma, gemma2, gemma3 (text), phi3, olmo2, granite ------------------------------
+#
+# Proof per family: llama.cpp itself (llama-cpp-python) runs the exported f16 file, dense and with
+# blocks 1 and 4 deleted (so Gemma's layer_types are no longer periodic), and its logits on 40 tokens
+# (five times the tiny sliding window of 8) match the source model with its matrices rounded to f16.
+# Measured relative L2 error against that round trip (f32 norms, llama.cpp's f16 KV cache and GELU
+# table), dense / pruned: granite 5.3e-4 / 4.6e-4, olmo2 1.2e-3 / 1.0e-3, gemma 1.9e-3 / 1.6e-3,
+# gemma2 1.4e-3 / 1.7e-3, gemma3 9.0e-3 / 4.2e-3, phi3 1.2e-3 / 8.3e-4 (argmax 97.5-100%). A wrong
+# key costs 0.3-1 (gemma3 run with all-full or all-sliding layers: 1.1 / 0.86). Where
+# transformers' GGUF loader knows the architecture (gemma2, gemma3, phi3) it must also read every
+# tensor back bit-exactly; it ignores gemma2/3's softcap, query scale and per-layer sliding keys, so
+# for those the logits are proven by llama.cpp only.
+
+LLAMA_CPP_FAMILIES = ["gemma2", "gemma3_text", "phi3", "olmo2", "granite", "gemma"]
+TRANSFORMERS_GGUF_FAMILIES = {"gemma2", "gemma3_text", "phi3"}
+# llama.cpp's phi3 graph has no sliding window (it reads and disables it): test phi3 without one.
+_FAMILY_OVERRIDES = {"phi3": {"sliding_window": None}}
+_GEMMA = {"gemma", "gemma2", "gemma3_text"}
+
+
+def _llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64, n_threads=1, verbose=False)
+    try:
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    finally:
+        llm.close()
+
+
+def _f16_round_trip(model, family):
+    """The model llama.cpp gets from an f16 file: matrices through f16, norms (+1 for Gemma) in f32."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in reference.state_dict().items():
+            if p.dim() == 2:
+                p.copy_(_round_trip(p, gguf.GGMLQuantizationType.F16))
+            elif family in _GEMMA and "norm" in name:
+                p.copy_((p + 1) - 1)
+    return reference
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
+@pytest.mark.parametrize("family", LLAMA_CPP_FAMILIES)
+def test_llama_cpp_runs_family(family, pruned, tokenizer, tmp_path):
+    from engine.pruner import prune_blocks
+
+    torch.set_num_threads(1)
+    model = _tiny(family, tokenizer, **_FAMILY_OVERRIDES.get(family, {}))
+    if pruned:
+        prune_blocks(model, [1, 4])
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16", name="tiny")
+    reference = _f16_round_trip(model, family)
+    ids = torch.randint(0, len(tokenizer), (1, 40), generator=torch.Generator().manual_seed(0))
+    out = _llama_cpp_logits(path, ids[0].tolist())
+    with torch.no_grad():
+        ref = reference(ids).logits[0]
+    assert ((out - ref).norm() / ref.norm()).item() < 0.02
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.95
+
+    if family in TRANSFORMERS_GGUF_FAMILIES:
+        loaded = _reload(path)
+        assert loaded.config.num_hidden_layers == model.config.num_hidden_layers
+        got = loaded.state_dict()
+        for name, p in reference.state_dict().items():
+            assert torch.equal(got[name], p), name
+        if family == "phi3":  # the loader reads all phi3 needs: same logits as the round trip
+            with torch.no_grad():
+                torch.testing.assert_close(loaded(ids).logits[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma_metadata(tokenizer, tmp_path):
+    """Norms stored as 1 + w; gemma2's softcaps, query scale and per-layer sliding flags as cut by pruning."""
+    from engine.pruner import prune_blocks
+
+    model = prune_blocks(_tiny("gemma2", tokenizer), [1, 4])
+    reader = gguf.GGUFReader(export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16"))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["general.architecture"] == "gemma2" and fields["gemma2.block_count"] == 6
+    assert fields["gemma2.attention.sliding_window"] == 8
+    assert fields["gemma2.attention.sliding_window_pattern"] == [t == "sliding_attention" for t in model.config.layer_types]
+    assert fields["gemma2.attention.sliding_window_pattern"] == [True, True, True, True, False, True]
+    assert fields["gemma2.final_logit_softcapping"] == 5.0 and fields["gemma2.attn_logit_softcapping"] == 20.0
+    stored = {t.name: t for t in reader.tensors}["blk.0.attn_norm.weight"]
+    w = model.model.layers[0].input_layernorm.weight.detach().numpy()
+    assert np.array_equal(np.asarray(stored.data), w + np.float32(1))
+    assert "output.weight" not in {t.name for t in reader.tensors}
+
+
+def test_granite_multipliers(tokenizer, tmp_path):
+    reader = gguf.GGUFReader(export_gguf(_tiny("granite", tokenizer), tokenizer, tmp_path / "m.gguf", "f16"))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert (fields["granite.embedding_scale"], fields["granite.residual_scale"], fields["granite.attention.scale"],
+            fields["granite.logit_scale"]) == pytest.approx((3.0, 0.5, 0.2, 0.5))
+
+
+def test_family_refusals(tokenizer, tmp_path):
+    # llama.cpp ignores attention.scale for gemma2/3 and uses head_dim (or the 27B rule by block count).
+    model = _tiny("gemma2", tokenizer, query_pre_attn_scalar=40)
+    with pytest.raises(GGUFExportError, match="query_pre_attn_scalar = 40 but llama.cpp would use 16"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    model = _tiny("gemma2", tokenizer, final_logit_softcapping=None)
+    with pytest.raises(GGUFExportError, match="always soft-caps"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    model = _tiny("gemma3_text", tokenizer, final_logit_softcapping=30.0)
+    with pytest.raises(GGUFExportError, match="does not soft-cap"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    model = _tiny("gemma2", tokenizer, tie_word_embeddings=False)
+    with pytest.raises(GGUFExportError, match="gemma2 has no tensor 'output'"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    # llama.cpp treats a "phi3" name as Phi-3 and looks up </s>, <unk>, <s> in the vocabulary.
+    with pytest.raises(GGUFExportError, match="pass another name"):
+        export_gguf(_tiny("phi3", tokenizer), tokenizer, tmp_path / "phi3-pruned.gguf")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- the real model: GGUF in -> prune -> GGUF out -------------------------------------------------
