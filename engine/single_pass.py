@@ -176,6 +176,9 @@ class Plan:
         return math.ceil(self.variants / self.variant_batch) * self.variant_batch
 
 
+CPU_TOKENS_PER_CALL = 4096
+
+
 def default_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -197,6 +200,12 @@ def make_plan(adapter: ModelAdapter, n_windows: int, seq_len: int, dtype: torch.
     per_row = seq_len * (8 * hidden + 3 * cfg.intermediate_size + 2 * heads * seq_len) * esize
     variant_batch = max(1, min(slots, int(budget * 0.5) // max(windows * per_row, 1)))
     fixed = device.type == "cuda"
+    if not fixed:
+        # CPU: a call of ~4k tokens keeps the MLP intermediate (tokens x intermediate) in L3,
+        # so the elementwise ops between GEMMs stay in cache while GEMMs stay efficient.
+        # SmolLM2-135M bf16 on a 2-core Zen 4: 2.9 ms/sequence/block at 20-40 sequences
+        # per call, 3.4-3.6 at 80-160 (the whole 31-variant stack was one call before).
+        variant_batch = max(1, min(variant_batch, CPU_TOKENS_PER_CALL // max(windows * seq_len, 1)))
     if fixed:
         # Equal groups: every call has the same shape, so attention plans are built once. A
         # group computes all its slots, live or not, so at least 8 groups keep that waste small.
@@ -266,14 +275,21 @@ class SinglePass:
         stream = [h] if (taylor or self.windows) else None
         cos_sum = torch.zeros(L, dtype=torch.float64, device=self.device)
         for pos, i in enumerate(layer_ids):
-            h_in = buf[0].clone()
             live = min(pos + 1, plan.variants)
-            for s in range(0, live, plan.variant_batch):
-                e = s + plan.variant_batch if plan.fixed_shapes else min(s + plan.variant_batch, live)
+            if plan.variants > 1:
+                # Slot pos+1 ("block pos skipped") is not live yet: it takes the full stream's
+                # input now and doubles as h_in, saving a clone per block.
+                buf[pos + 1] = buf[0]
+                h_in = buf[pos + 1]
+            else:
+                h_in = buf[0].clone()
+            group = plan.variant_batch
+            if not plan.fixed_shapes:
+                group = math.ceil(live / math.ceil(live / group))  # balanced groups, none left tiny
+            for s in range(0, live, group):
+                e = s + group if plan.fixed_shapes else min(s + group, live)
                 out = calls(i, buf[s:e].view(-1, t, buf.shape[-1])).view(e - s, n, t, -1)
                 buf[s:min(e, live)] = out[:min(e, live) - s]
-            if plan.variants > 1:
-                buf[pos + 1] = h_in
             cos_sum[pos] = _cos(h_in, buf[0]).sum()
             if stream is not None:
                 stream.append(buf[0].clone())

@@ -163,3 +163,21 @@ def test_without_ppl_only_the_full_stream_is_walked():
     for c in ("taylor", "bi"):
         assert rel(alone[c], ref[c]) < 1e-4
     assert abs(alone.meta["dense_ppl"] - perplexity(model, ids)) / alone.meta["dense_ppl"] < 1e-5
+
+
+def test_cpu_small_variant_groups_equal_reference():
+    """CPU token cap per call: the variant stack split into several uneven groups per block."""
+    from engine import single_pass
+
+    model = tiny_model("llama", seed=11)
+    ids = random_tokens(model, 3, 15)
+    orig = single_pass.CPU_TOKENS_PER_CALL
+    single_pass.CPU_TOKENS_PER_CALL = 2 * 3 * 15  # two variants per call
+    try:
+        sp = single_pass.SinglePass(model, {"ppl", "taylor"})
+        r = sp.run(ids, progress=False)
+    finally:
+        single_pass.CPU_TOKENS_PER_CALL = orig
+    assert sp.plan.variant_batch == 2 and not sp.plan.fixed_shapes
+    fused = [math.exp(v / r.count) for v in r.nll[1:].tolist()]
+    assert rel(fused, reference.ppl_scores(model, ids)) < 1e-5
