@@ -285,7 +285,7 @@ class SinglePass:
                 h_in = buf[0].clone()
             group = plan.variant_batch
             if not plan.fixed_shapes:
-                group = math.ceil(live / math.ceil(live / group))  # balanced groups, none left tiny
+                group = math.ceil(live / math.ceil(live / group))  # fewest calls, sizes as even as that allows
             for s in range(0, live, group):
                 e = s + group if plan.fixed_shapes else min(s + group, live)
                 out = calls(i, buf[s:e].view(-1, t, buf.shape[-1])).view(e - s, n, t, -1)
