@@ -202,6 +202,82 @@ def test_failed_export_keeps_the_old_file(tokenizer, tmp_path):
     assert good.read_bytes() == b"a good file" and list(tmp_path.iterdir()) == [good]
 
 
+# --- SentencePiece vocabularies (Llama-1/2, Vicuna, Mistral v0.1, Gemma) ---------------------------
+#
+# A tiny SentencePiece model trained here (identity normalisation, as Llama's) wrapped as the Hugging
+# Face tokenizer a user has. Proof: transformers' GGUF loader and llama.cpp both encode text
+# (non-ASCII, digits, bytes by fallback) to the source tokenizer's ids. Two known differences of
+# llama.cpp's own, not of the file, are kept out of its samples: it prepends a space even to text
+# that starts with one and after a special token, where the Hugging Face Metaspace does not.
+SPM_SAMPLES = ["def f(x):\n    return x + 1  # Größe 12345, naïve café", "日本語 ünïcödé 3.14159 🙂\tend."]
+SPM_HF_ONLY = ["  leading spaces", "Hello world<|im_end|> and more"]
+
+
+def _spm_tokenizer(directory, model_type: str, cls):
+    import sentencepiece
+
+    directory.mkdir(exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_topics(0, 40).splitlines()), model_prefix=str(directory / "tokenizer"),
+        vocab_size=400, model_type=model_type, byte_fallback=True, character_coverage=1.0, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        user_defined_symbols=["<|im_end|>"], minloglevel=2, num_threads=1)
+    return cls.from_pretrained(directory, add_bos_token=True)
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("from_file", [True, False], ids=["tokenizer.model", "tokenizer.json"])
+def test_sentencepiece_vocabulary(model_type, family, from_file, tmp_path):
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    tok = _spm_tokenizer(tmp_path / "src", model_type, LlamaTokenizer if family == "llama" else GemmaTokenizer)
+    assert tok.vocab_file and os.path.isfile(tok.vocab_file)
+    if not from_file:  # a tokenizer without its SentencePiece file: scores from the BPE merges
+        tok.vocab_file = None
+    model = _tiny(family, tok)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", "f16")
+
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.scores"]) == len(tokens)
+    assert fields["tokenizer.ggml.add_space_prefix"] == (family == "llama")  # Gemma writes no leading "\u2581"
+    assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_eos_token"] is False
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
+            fields["tokenizer.ggml.unknown_token_id"]) == (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id)
+    kind = {t: gguf.TokenType(types[tokens.index(t)]) for t in ("<unk>", "<s>", "<0x41>", "<|im_end|>", "\u2581a")}
+    assert kind == {"<unk>": gguf.TokenType.UNKNOWN, "<s>": gguf.TokenType.CONTROL, "<0x41>": gguf.TokenType.BYTE,
+                    "<|im_end|>": gguf.TokenType.USER_DEFINED, "\u2581a": gguf.TokenType.NORMAL}
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in SPM_SAMPLES + SPM_HF_ONLY:
+        assert loaded(text).input_ids == tok(text).input_ids, text
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in SPM_SAMPLES:
+            assert llm.tokenize(text.encode(), add_bos=False) == tok(text, add_special_tokens=False).input_ids, text
+            assert llm.tokenize(text.encode()) == tok(text).input_ids, text  # the file's add_bos flag
+    finally:
+        llm.close()
+
+    if family == "llama":  # the weights reload as with any other vocabulary
+        ids = torch.tensor([tok(SPM_SAMPLES[0]).input_ids])
+        with torch.no_grad():
+            out, src = _reload(path)(ids).logits, model(ids).logits
+        assert ((out - src).norm() / src.norm()).item() < TOLERANCES["f16"][0]
+
+
+def test_unsupported_tokenizer_models(tmp_path):
+    """A Unigram model (llama.cpp's SentencePiece tokenizer joins pairs by score; it does not run Viterbi)."""
+    uni = Tokenizer(models.Unigram([("<unk>", 0.0), ("\u2581a", -1.0), ("a", -2.0), ("\u2581", -3.0)], 0))
+    uni.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=uni, unk_token="<unk>")
+    with pytest.raises(GGUFExportError, match="not a Unigram model"):
+        export_gguf(tiny_model("llama", vocab_size=4), tok, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- more families: gemma, gemma2, gemma3 (text), phi3, olmo2, granite ------------------------------
 #
 # Proof per family: llama.cpp itself (llama-cpp-python) runs the exported f16 file, dense and with
