@@ -225,10 +225,12 @@ def _spm_tokenizer(directory, model_type: str, cls):
     return cls.from_pretrained(directory, add_bos_token=True)
 
 
-@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-@pytest.mark.parametrize("from_file", [True, False], ids=["tokenizer.model", "tokenizer.json"])
-def test_sentencepiece_vocabulary(model_type, family, from_file, tmp_path):
+SPM_CASES = pytest.mark.parametrize("model_type, family, from_file", [
+    (m, f, ff) for m in ("bpe", "unigram") for f in ("llama", "gemma2") for ff in (True, False)])
+
+
+def _export_spm(tmp_path, model_type, family, from_file):
+    """(source tokenizer, tiny model, exported f16 file) for a SentencePiece vocabulary trained here."""
     from transformers import GemmaTokenizer, LlamaTokenizer
 
     tok = _spm_tokenizer(tmp_path / "src", model_type, LlamaTokenizer if family == "llama" else GemmaTokenizer)
@@ -236,8 +238,12 @@ def test_sentencepiece_vocabulary(model_type, family, from_file, tmp_path):
     if not from_file:  # a tokenizer without its SentencePiece file: scores from the BPE merges
         tok.vocab_file = None
     model = _tiny(family, tok)
-    path = export_gguf(model, tok, tmp_path / "m.gguf", "f16")
+    return tok, model, export_gguf(model, tok, tmp_path / "m.gguf", "f16")
 
+
+@SPM_CASES
+def test_sentencepiece_vocabulary(model_type, family, from_file, tmp_path):
+    tok, model, path = _export_spm(tmp_path, model_type, family, from_file)
     fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.scores"]) == len(tokens)
@@ -252,7 +258,17 @@ def test_sentencepiece_vocabulary(model_type, family, from_file, tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in SPM_SAMPLES + SPM_HF_ONLY:
         assert loaded(text).input_ids == tok(text).input_ids, text
+    if family == "llama":  # the weights reload as with any other vocabulary
+        ids = torch.tensor([tok(SPM_SAMPLES[0]).input_ids])
+        with torch.no_grad():
+            out, src = _reload(path)(ids).logits, model(ids).logits
+        assert ((out - src).norm() / src.norm()).item() < TOLERANCES["f16"][0]
+
+
+@SPM_CASES
+def test_sentencepiece_vocabulary_in_llama_cpp(model_type, family, from_file, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
+    tok, _, path = _export_spm(tmp_path, model_type, family, from_file)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
         for text in SPM_SAMPLES:
@@ -260,12 +276,6 @@ def test_sentencepiece_vocabulary(model_type, family, from_file, tmp_path):
             assert llm.tokenize(text.encode()) == tok(text).input_ids, text  # the file's add_bos flag
     finally:
         llm.close()
-
-    if family == "llama":  # the weights reload as with any other vocabulary
-        ids = torch.tensor([tok(SPM_SAMPLES[0]).input_ids])
-        with torch.no_grad():
-            out, src = _reload(path)(ids).logits, model(ids).logits
-        assert ((out - src).norm() / src.norm()).item() < TOLERANCES["f16"][0]
 
 
 def test_unsupported_tokenizer_models(tmp_path):
@@ -320,16 +330,54 @@ def _f16_round_trip(model, family):
     return reference
 
 
-@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
-@pytest.mark.parametrize("family", LLAMA_CPP_FAMILIES)
-def test_llama_cpp_runs_family(family, pruned, tokenizer, tmp_path):
+def _export_family(family, pruned, tokenizer, tmp_path):
+    """(source model, exported f16 file) of a tiny model of the family, blocks 1 and 4 deleted if pruned."""
     from engine.pruner import prune_blocks
 
     torch.set_num_threads(1)
     model = _tiny(family, tokenizer, **_FAMILY_OVERRIDES.get(family, {}))
     if pruned:
         prune_blocks(model, [1, 4])
-    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16", name="tiny")
+    return model, export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16", name="tiny")
+
+
+FAMILY_CASES = pytest.mark.parametrize("family, pruned", [(f, p) for f in LLAMA_CPP_FAMILIES for p in (False, True)])
+
+
+@FAMILY_CASES
+def test_family_file_has_every_kept_block(family, pruned, tokenizer, tmp_path):
+    """Without llama.cpp: the file says how many blocks there are and holds exactly their tensors."""
+    model, path = _export_family(family, pruned, tokenizer, tmp_path)
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    n = model.config.num_hidden_layers
+    assert reader.fields[f"{arch}.block_count"].contents() == n
+    blocks = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}
+    assert blocks == set(range(n))
+    per_block = [sum(t.name.startswith(f"blk.{i}.") for t in reader.tensors) for i in range(n)]
+    assert len(set(per_block)) == 1 and per_block[0] >= 6
+
+
+@pytest.mark.parametrize("family, pruned", [(f, p) for f in LLAMA_CPP_FAMILIES if f in TRANSFORMERS_GGUF_FAMILIES
+                                             for p in (False, True)])
+def test_family_reloads_bit_exactly_in_transformers(family, pruned, tokenizer, tmp_path):
+    model, path = _export_family(family, pruned, tokenizer, tmp_path)
+    reference = _f16_round_trip(model, family)
+    loaded = _reload(path)
+    assert loaded.config.num_hidden_layers == model.config.num_hidden_layers
+    got = loaded.state_dict()
+    for name, p in reference.state_dict().items():
+        assert torch.equal(got[name], p), name
+    if family == "phi3":  # the loader reads all phi3 needs: same logits as the round trip
+        ids = torch.randint(0, len(tokenizer), (1, 40), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@FAMILY_CASES
+def test_llama_cpp_runs_family(family, pruned, tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp")
+    model, path = _export_family(family, pruned, tokenizer, tmp_path)
     reference = _f16_round_trip(model, family)
     ids = torch.randint(0, len(tokenizer), (1, 40), generator=torch.Generator().manual_seed(0))
     out = _llama_cpp_logits(path, ids[0].tolist())
@@ -337,16 +385,6 @@ def test_llama_cpp_runs_family(family, pruned, tokenizer, tmp_path):
         ref = reference(ids).logits[0]
     assert ((out - ref).norm() / ref.norm()).item() < 0.02
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.95
-
-    if family in TRANSFORMERS_GGUF_FAMILIES:
-        loaded = _reload(path)
-        assert loaded.config.num_hidden_layers == model.config.num_hidden_layers
-        got = loaded.state_dict()
-        for name, p in reference.state_dict().items():
-            assert torch.equal(got[name], p), name
-        if family == "phi3":  # the loader reads all phi3 needs: same logits as the round trip
-            with torch.no_grad():
-                torch.testing.assert_close(loaded(ids).logits[0], ref, rtol=1e-4, atol=1e-4)
 
 
 def test_gemma_metadata(tokenizer, tmp_path):
