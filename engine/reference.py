@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .evaluate import window_nll
-from .models import ModelAdapter
+from .models import ModelAdapter, block_input, block_output
 
 
 class _SkippedBlock(nn.Module):
@@ -96,8 +96,8 @@ def stream_scores(model, input_ids: torch.Tensor, windows=(1,), batch_size: int 
     device = next(model.parameters()).device
     streams: list[list[torch.Tensor]] = []
     hooks = [adapter.layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: streams[-1].append(_hidden(args, kwargs).float()), with_kwargs=True)]
-    hooks += [layer.register_forward_hook(lambda m, args, out: streams[-1].append(_first(out).float()))
+        lambda m, args, kwargs: streams[-1].append(block_input(args, kwargs).float()), with_kwargs=True)]
+    hooks += [layer.register_forward_hook(lambda m, args, out: streams[-1].append(block_output(out).float()))
               for layer in adapter.layers]
     try:
         for start in range(0, len(input_ids), batch_size):
@@ -113,11 +113,3 @@ def stream_scores(model, input_ids: torch.Tensor, windows=(1,), batch_size: int 
         out[f"angular{n}"] = [(torch.arccos(cos(h[i], h[i + n]).clamp(-1, 1)) / math.pi).mean().item()
                               for i in range(adapter.num_blocks - n + 1)]
     return out
-
-
-def _hidden(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out

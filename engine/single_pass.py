@@ -27,15 +27,11 @@ from tqdm.auto import tqdm
 
 from .errors import DepthcutError
 from .kernels import linear_nll, taylor_saliency
-from .models import ModelAdapter
+from .models import ModelAdapter, block_input, block_output
 
 
 class _Stop(Exception):
     """Raised by a hook to end a forward once it has what it came for."""
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 class BlockCalls:
@@ -70,7 +66,7 @@ class BlockCalls:
         captured = []
 
         def stop(module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
+            captured.append(block_input(args, kwargs))
             raise _Stop
 
         hook = self.adapter.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
@@ -83,7 +79,7 @@ class BlockCalls:
         return captured[0]
 
     def __call__(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        return _first(self.adapter.layers[i](hidden, *self.args[i], **self.kwargs[i]))
+        return block_output(self.adapter.layers[i](hidden, *self.args[i], **self.kwargs[i]))
 
 
 @dataclass
