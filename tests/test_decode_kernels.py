@@ -27,11 +27,14 @@ def _check_add_rmsnorm(dev, dtype, M, N, with_res):
     torch.testing.assert_close(y, y_ref, **_tol(dtype))
 
 
-def _check_rope(dev, dtype, B, n_q, n_kv, D, S, cp, qk_norm):
+def _check_rope(dev, dtype, B, n_q, n_kv, D, S, cp, qk_norm, table=0):
+    """``table`` picks one of a stack of cos/sin tables (per-layer-type RoPE, Gemma3): the
+    kernel gets a view that starts inside the stack."""
     qkv = torch.randn(B, (n_q + 2 * n_kv) * D, device=dev, dtype=dtype)
-    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=dev).float() / D))
-    f = torch.arange(S, device=dev).float()[:, None] * inv[None]
-    cos, sin = torch.cat((f, f), -1).cos().contiguous(), torch.cat((f, f), -1).sin().contiguous()
+    theta = torch.tensor([10000.0, 1e6], device=dev)[:, None]
+    inv = 1.0 / (theta ** (torch.arange(0, D, 2, device=dev).float() / D))
+    f = torch.arange(S, device=dev).float()[None, :, None] * inv[:, None]
+    cos, sin = torch.cat((f, f), -1).cos()[table], torch.cat((f, f), -1).sin()[table]
     pos = torch.randint(0, S, (B,), device=dev)
     cache_pos = torch.tensor([cp], device=dev, dtype=torch.int32)
     qn = torch.rand(D, device=dev, dtype=dtype) + 0.5 if qk_norm else None
@@ -44,20 +47,20 @@ def _check_rope(dev, dtype, B, n_q, n_kv, D, S, cp, qk_norm):
     torch.testing.assert_close(cache, ref_c, **_tol(dtype))
 
 
-def _check_attention(dev, dtype, B, n_q, n_kv, D, S, cp, window, splits):
+def _check_attention(dev, dtype, B, n_q, n_kv, D, S, cp, window, splits, softcap=None):
     q = torch.randn(B, n_q, D, device=dev, dtype=dtype)
     kc = torch.randn(B, n_kv, S, D, device=dev, dtype=dtype)
     vc = torch.randn(B, n_kv, S, D, device=dev, dtype=dtype)
     start = torch.randint(0, cp + 1, (B,), device=dev, dtype=torch.int32)
     cache_pos = torch.tensor([cp], device=dev, dtype=torch.int32)
-    out = K.decode_attention(q, kc, vc, start, cache_pos, window, D ** -0.5, splits=splits)
-    ref = K.decode_attention_ref(q.float(), kc.float(), vc.float(), start, cache_pos, window, D ** -0.5)
+    out = K.decode_attention(q, kc, vc, start, cache_pos, window, D ** -0.5, softcap, splits=splits)
+    ref = K.decode_attention_ref(q.float(), kc.float(), vc.float(), start, cache_pos, window, D ** -0.5, softcap)
     torch.testing.assert_close(out.float(), ref, **_tol(dtype))
 
 
-def _check_swiglu(dev, dtype, M, I):
+def _check_swiglu(dev, dtype, M, I, gelu=False):
     gu = torch.randn(M, 2 * I, device=dev, dtype=dtype) * 3
-    torch.testing.assert_close(K.swiglu(gu), K.swiglu_ref(gu), **_tol(dtype))
+    torch.testing.assert_close(K.swiglu(gu, gelu), K.swiglu_ref(gu, gelu), **_tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -67,43 +70,49 @@ def test_add_rmsnorm(dtype, M, N, with_res):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,n_q,n_kv,D,qk_norm", [(2, 3, 1, 20, False), (1, 4, 2, 16, True)])
-def test_rope_cache_write(dtype, B, n_q, n_kv, D, qk_norm):
-    _check_rope(DEV, dtype, B, n_q, n_kv, D, 11, 7, qk_norm)
+@pytest.mark.parametrize("B,n_q,n_kv,D,qk_norm,table", [(2, 3, 1, 20, False, 0), (1, 4, 2, 16, True, 1)])
+def test_rope_cache_write(dtype, B, n_q, n_kv, D, qk_norm, table):
+    _check_rope(DEV, dtype, B, n_q, n_kv, D, 11, 7, qk_norm, table)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,n_q,n_kv,D,S,cp,window,splits", [
-    (2, 6, 2, 20, 45, 40, 0, 3),    # GQA group 3, odd head dim, ragged starts, splits
-    (1, 2, 2, 16, 33, 32, 9, 2),    # MHA with a sliding window
-    (3, 4, 1, 32, 70, 5, 0, None),  # MQA, short live range, default split count
-    (2, 4, 2, 16, 20, 19, 0, 1),    # one split: normalised in place, no combine
+@pytest.mark.parametrize("B,n_q,n_kv,D,S,cp,window,splits,softcap", [
+    (2, 6, 2, 20, 45, 40, 0, 3, None),    # GQA group 3, odd head dim, ragged starts, splits
+    (1, 2, 2, 16, 33, 32, 9, 2, None),    # MHA with a sliding window
+    (3, 4, 1, 32, 70, 5, 0, None, None),  # MQA, short live range, default split count
+    (2, 4, 2, 16, 20, 19, 0, 1, None),    # one split: normalised in place, no combine
+    (2, 4, 2, 16, 40, 37, 0, 2, 0.5),     # Gemma2 softcap, tight enough to change the weights
+    (1, 6, 3, 20, 30, 25, 8, 1, 0.5),     # softcap with a sliding window, one split
 ])
-def test_decode_attention(dtype, B, n_q, n_kv, D, S, cp, window, splits):
-    _check_attention(DEV, dtype, B, n_q, n_kv, D, S, cp, window, splits)
+def test_decode_attention(dtype, B, n_q, n_kv, D, S, cp, window, splits, softcap):
+    _check_attention(DEV, dtype, B, n_q, n_kv, D, S, cp, window, splits, softcap)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,I", [(2, 45), (1, 1536)])
-def test_swiglu(dtype, M, I):
-    _check_swiglu(DEV, dtype, M, I)
+@pytest.mark.parametrize("gelu", [False, True])
+def test_swiglu(dtype, M, I, gelu):
+    _check_swiglu(DEV, dtype, M, I, gelu)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_gpu_llama_shapes(dtype):
-    """Real-size shapes (Llama-7B MHA, SmolLM2 GQA) compiled on the GPU, bf16 included."""
+    """Real-size shapes (Llama-7B MHA, SmolLM2 GQA, Gemma2-2B softcap and GeGLU) compiled
+    on the GPU, bf16 included."""
     _check_add_rmsnorm("cuda", dtype, 4, 4096, True)
     _check_rope("cuda", dtype, 4, 32, 32, 128, 600, 517, False)
-    _check_rope("cuda", dtype, 2, 9, 3, 64, 300, 255, True)
+    _check_rope("cuda", dtype, 2, 9, 3, 64, 300, 255, True, table=1)
     tol = _tol(dtype) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    for B, nq, nkv, D, S in [(1, 32, 32, 128, 640), (8, 9, 3, 64, 640)]:
+    for B, nq, nkv, D, S, softcap in [(1, 32, 32, 128, 640, None), (8, 9, 3, 64, 640, None),
+                                      (2, 8, 4, 256, 640, 50.0)]:
         q = torch.randn(B, nq, D, device="cuda", dtype=dtype)
         kc, vc = (torch.randn(B, nkv, S, D, device="cuda", dtype=dtype) for _ in range(2))
         start = torch.randint(0, 100, (B,), device="cuda", dtype=torch.int32)
         cp = torch.tensor([600], device="cuda", dtype=torch.int32)
-        out = K.decode_attention(q, kc, vc, start, cp, 0, D ** -0.5)
-        ref = K.decode_attention_ref(q.float(), kc.float(), vc.float(), start, cp, 0, D ** -0.5)
+        out = K.decode_attention(q, kc, vc, start, cp, 0, D ** -0.5, softcap)
+        ref = K.decode_attention_ref(q.float(), kc.float(), vc.float(), start, cp, 0, D ** -0.5, softcap)
         torch.testing.assert_close(out.float(), ref, **tol)
     _check_swiglu("cuda", dtype, 4, 11008)
+    _check_swiglu("cuda", dtype, 4, 9216, gelu=True)

@@ -3,7 +3,10 @@
 One decode step of a Llama-style block is launch-bound at small batch: the fusions
 below cut each block to ~7 launches (norm, QKV GEMM, RoPE+cache write, attention,
 O GEMM, norm, gate/up GEMM, SwiGLU, down GEMM). Rounding follows Hugging Face's
-eager code (cast points included) so bf16 tokens match it except at near-ties.
+eager code (cast points included) so bf16 tokens match it except at near-ties. The other
+families ride on the same kernels: per-head q/k norms inside the RoPE kernel (Qwen3,
+Gemma3), an attention logit softcap (Gemma2), GeGLU in place of SwiGLU (Gemma) and a
+cos/sin table per layer (Gemma3's local and global RoPE).
 
 Shapes: hidden rows are [M, N] contiguous; caches are [B, Hkv, S, D]; ``cache_pos``
 is a 1-element int tensor on the device holding the index being written this
@@ -19,6 +22,15 @@ import triton.language as tl
 
 def _next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from one exp (libdevice's tanh does not run in the interpreter); exp(-2|x|)
+    never overflows."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
 
 
 # ---------------------------------------------------------------- RMSNorm (+ residual add)
@@ -161,16 +173,19 @@ def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, cache_pos, n_q, n_kv,
 
 # ---------------------------------------------------------------- GQA decode attention
 
-def decode_attention_ref(q, k_cache, v_cache, start, cache_pos, window, scale):
+def decode_attention_ref(q, k_cache, v_cache, start, cache_pos, window, scale, softcap=None):
     """One query per row, q [B, Hq, D]; keys j with start[b] <= j <= cache_pos (and
     j > cache_pos - window when window). Queries are grouped by KV head so each KV head
-    is read once for its group. Returns [B, Hq, D]."""
+    is read once for its group. ``softcap`` caps the scaled logits to softcap *
+    tanh(s / softcap) (Gemma2). Returns [B, Hq, D]."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     end = int(cache_pos.reshape(-1)[0]) + 1
     k = k_cache[:, :, :end]
     v = v_cache[:, :, :end]
     s = torch.matmul(q.view(B, Hkv, Hq // Hkv, D), k.transpose(-1, -2)) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     j = torch.arange(end, device=q.device)
     bad = j[None, :] < start.view(B, 1).to(j.dtype)
     if window:
@@ -181,10 +196,10 @@ def decode_attention_ref(q, k_cache, v_cache, start, cache_pos, window, scale):
 
 
 @triton.jit
-def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, start_ptr, cp_ptr, o_ptr, ml_ptr, S, scale, window,
+def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, start_ptr, cp_ptr, o_ptr, ml_ptr, S, scale, window, softcap,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       IEEE: tl.constexpr, SINGLE: tl.constexpr):
+                       IEEE: tl.constexpr, SINGLE: tl.constexpr, SOFTCAP: tl.constexpr):
     G: tl.constexpr = HQ // HKV
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -219,7 +234,10 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, start_ptr, cp_ptr, o_ptr, ml_ptr, 
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(jm[None, :], s * scale, float("-inf"))
+        s = s * scale
+        if SOFTCAP:
+            s = _tanh(s / softcap) * softcap
+        s = tl.where(jm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -257,7 +275,7 @@ def _attn_combine_kernel(o_ptr, ml_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.con
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def decode_attention(q, k_cache, v_cache, start, cache_pos, window, scale, splits=None):
+def decode_attention(q, k_cache, v_cache, start, cache_pos, window, scale, softcap=None, splits=None):
     """Flash-decoding: (row, KV head, split) programs each read a slice of one KV head
     once for its whole query group, then a combine kernel merges the splits."""
     B, Hq, D = q.shape
@@ -272,10 +290,10 @@ def decode_attention(q, k_cache, v_cache, start, cache_pos, window, scale, split
     part = out if single else torch.empty(B * Hq * splits, D, dtype=torch.float32, device=q.device)
     ml = part if single else torch.empty(B * Hq * splits, 2, dtype=torch.float32, device=q.device)
     _attn_split_kernel[(B * Hkv, splits)](
-        q, k_cache, v_cache, start, cache_pos, part, ml, S, scale, int(window or 0),
+        q, k_cache, v_cache, start, cache_pos, part, ml, S, scale, int(window or 0), float(softcap or 1.0),
         HQ=Hq, HKV=Hkv, D=D, SPLITS=splits, BLOCK_G=max(16, _next_pow2(Hq // Hkv)),
         BLOCK_N=64 if D <= 128 else 32, BLOCK_D=max(16, _next_pow2(D)),
-        IEEE=q.dtype == torch.float32, SINGLE=single)
+        IEEE=q.dtype == torch.float32, SINGLE=single, SOFTCAP=bool(softcap))
     if single:
         return out
     _attn_combine_kernel[(B * Hq,)](part, ml, out, D=D, SPLITS=splits,
@@ -283,30 +301,35 @@ def decode_attention(q, k_cache, v_cache, start, cache_pos, window, scale, split
     return out
 
 
-# ---------------------------------------------------------------- SwiGLU on merged gate/up
+# ---------------------------------------------------------------- SwiGLU / GeGLU on merged gate/up
 
-def swiglu_ref(gu):
-    """gu = [gate | up] along the last dim (merged GEMM output); silu(gate) * up."""
+def swiglu_ref(gu, gelu=False):
+    """gu = [gate | up] along the last dim (merged GEMM output); act(gate) * up with act
+    silu (SwiGLU) or, with ``gelu``, the tanh-approximated gelu (GeGLU, Gemma)."""
     g, u = gu.chunk(2, dim=-1)
-    return F.silu(g) * u
+    return (F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * u
 
 
 @triton.jit
-def _swiglu_kernel(gu_ptr, out_ptr, I, BLOCK: tl.constexpr):
+def _swiglu_kernel(gu_ptr, out_ptr, I, BLOCK: tl.constexpr, GELU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < I
     g = tl.load(gu_ptr + row * 2 * I + cols, mask=m, other=0.0)
     u = tl.load(gu_ptr + row * 2 * I + I + cols, mask=m, other=0.0)
     gf = g.to(tl.float32)
-    a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+    if GELU:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        a = 0.5 * gf * (1.0 + _tanh(0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)))
+    else:
+        a = gf / (1.0 + tl.exp(-gf))
+    a = a.to(g.dtype).to(tl.float32)
     tl.store(out_ptr + row * I + cols, (a * u.to(tl.float32)).to(g.dtype), mask=m)
 
 
-def swiglu(gu):
+def swiglu(gu, gelu=False):
     I = gu.shape[-1] // 2
     gu2 = gu.reshape(-1, 2 * I).contiguous()
     out = torch.empty(gu2.shape[0], I, dtype=gu.dtype, device=gu.device)
     BLOCK = min(1024, _next_pow2(I))
-    _swiglu_kernel[(gu2.shape[0], triton.cdiv(I, BLOCK))](gu2, out, I, BLOCK=BLOCK)
+    _swiglu_kernel[(gu2.shape[0], triton.cdiv(I, BLOCK))](gu2, out, I, BLOCK=BLOCK, GELU=gelu)
     return out.view(*gu.shape[:-1], I)
