@@ -1,5 +1,5 @@
 // Operator schemas of the depthcut library and the Python module stub.
-// Device kernels register themselves in cpu_ops.cpp and cuda_ops.cu.
+// Device kernels register themselves in cpu_ops.cpp, decode_linear.cpp and cuda_ops.cu.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -14,6 +14,8 @@ TORCH_LIBRARY(depthcut, m) {
       " float softcap, int chunk) -> Tensor");
   // sum |W * (dy^T x)| without storing the full weight gradient.
   m.def("taylor_saliency(Tensor x, Tensor dy, Tensor weight) -> Tensor");
+  // x @ weight.T + bias for a few fp32 rows, fp16/bf16/fp32 weights widened in registers.
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 // `import engine._C` only has to load the shared object: the ops live in torch.ops.depthcut.

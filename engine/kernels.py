@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from ._ext import HAS_EXT
 
@@ -94,3 +95,18 @@ def taylor_saliency(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> 
     if backend == "triton":
         return K.taylor_saliency(x, dy, weight)
     return K.taylor_saliency_reference(x, dy, weight)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias in x's dtype, for the few rows of a decode step.
+
+    Weights may be narrower than x (fp16/bf16 weights, fp32 activations): the product
+    is then the fp32 model's arithmetic on rounded weights. On the CPU the compiled op
+    widens each weight vector in registers, so a step reads half the bytes of an fp32
+    model (and its fp32 GEMV beats ATen's too); elsewhere the weight is cast first.
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and _backend(x.device) == "ext":
+        return torch.ops.depthcut.decode_linear(x, weight, bias)
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))

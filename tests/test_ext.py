@@ -72,3 +72,43 @@ def test_taylor_saliency_matches_explicit_dw(dtype, m, n, k):
     # bf16: dW is rounded to bf16 before |.|; the sum of |.| averages that out.
     rtol = 1e-5 if dtype == torch.float32 else 4e-3
     torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 7, 16), (1, 97, 45), (2, 33, 576), (3, 130, 31), (5, 64, 100),
+                                   (7, 9, 1), (16, 50, 72), (17, 40, 24)])  # 17 rows: the GEMM path
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_is_fp32_arithmetic_on_the_weights(wdtype, m, n, k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(wdtype)
+    b = torch.randn(n, generator=g).to(wdtype) if bias else None
+    got = torch.ops.depthcut.decode_linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    # Only the fp32 summation order differs from the float64 definition.
+    torch.testing.assert_close(got.double(), ref, atol=1e-5 * k ** 0.5, rtol=1e-5)
+
+
+def test_decode_linear_keeps_leading_dims_and_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 40, generator=g)[:, :, :33]  # non-contiguous rows
+    w = torch.randn(33, 21, generator=g).T.half()  # [21, 33], transposed storage
+    got = torch.ops.depthcut.decode_linear(x, w, None)
+    assert got.shape == (2, 3, 21)
+    torch.testing.assert_close(got.double(), x.double() @ w.double().T, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_linear_propagates_non_finite_weights():
+    x = torch.ones(1, 20)
+    w = torch.zeros(3, 20, dtype=torch.float16)
+    w[1, 17], w[2, 3] = float("inf"), float("nan")
+    out = torch.ops.depthcut.decode_linear(x, w, None)
+    assert out[0, 0] == 0 and out[0, 1] == float("inf") and out[0, 2].isnan()
+
+
+def test_decode_linear_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="x must be fp32"):
+        torch.ops.depthcut.decode_linear(torch.ones(1, 4, dtype=torch.float16), torch.ones(2, 4), None)
+    with pytest.raises(RuntimeError, match="features"):
+        torch.ops.depthcut.decode_linear(torch.ones(1, 5), torch.ones(2, 4), None)

@@ -75,6 +75,22 @@ def test_taylor_saliency(backend):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_decode_linear_is_fp32_arithmetic(backend, wdtype, rows):
+    """Narrow weights with fp32 activations: exactly the fp32 product of the rounded weights
+    (not a product in the weight dtype), with and without the compiled op."""
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 77, generator=g), torch.randn(50, 77, generator=g).to(wdtype), torch.randn(50).to(wdtype)
+    got = kernels.decode_linear(x, w, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), F.linear(x.double(), w.double(), b.double()), atol=1e-4, rtol=1e-5)
+    if wdtype != torch.float32:  # activations in the weight dtype: plain F.linear
+        same = kernels.decode_linear(x.to(wdtype), w, b)
+        assert same.dtype == wdtype and torch.equal(same, F.linear(x.to(wdtype), w, b))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["auto", "reference"] + (["ext"] if HAS_EXT else []))
