@@ -1,4 +1,4 @@
-"""Fast runtime for dense or depth-pruned Llama-family decoders.
+"""Fast runtime for dense or depth-pruned decoder LLMs of every supported family.
 
 Hugging Face ``generate`` spends most of a small-batch decode step in Python and
 per-layer cache bookkeeping, so deleting blocks barely shows up in tokens/s. This
@@ -9,6 +9,12 @@ kernels of ``triton_kernels.decode``. On the CPU, where a step costs per-op disp
 plus weight bandwidth, a lean step with the fewest PyTorch calls runs instead, with
 optional bf16/fp16 weights over an fp32 residual stream. Blocks are a plain list, so a
 pruned model is just a shorter one.
+
+One block code serves every family; what differs is data on the runtime and its blocks:
+which RMSNorms a block has (before and/or after each sublayer, q/k norms per head or
+over all heads, Gemma's ``1 + w`` folded into the weights), the MLP activation (SwiGLU
+or GeGLU), attention and final logit softcaps, embedding/residual/logit multipliers,
+and one RoPE table per layer type (Gemma3's local and global layers).
 """
 from __future__ import annotations
 
@@ -18,7 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+from .models import FAMILIES, ModelAdapter
+
+SUPPORTED_FAMILIES = tuple(FAMILIES)
+_GEMMA_NORM = ("gemma", "gemma2", "gemma3_text")  # RMSNorm scales by (1 + w)
+_ACTIVATIONS = {"silu": False, "gelu_pytorch_tanh": True}  # MLP activation -> GeGLU (else SwiGLU)
 _ROPE_FROM_MODEL = ("linear", "llama3", "yarn")  # static inv_freq: reuse HF's computation
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -50,16 +60,22 @@ class _Block:
     bqkv: torch.Tensor | None
     wo: torch.Tensor
     bo: torch.Tensor | None
-    wgu: torch.Tensor
+    wgu: torch.Tensor  # [gate; up]
     bgu: torch.Tensor | None
     wd: torch.Tensor
     bd: torch.Tensor | None
-    ln1: torch.Tensor
-    ln2: torch.Tensor
-    q_norm: torch.Tensor | None
+    ln1: torch.Tensor | None  # norm before attention (OLMo2: none)
+    ln2: torch.Tensor | None  # norm before the MLP (OLMo2: none)
+    post_attn: torch.Tensor | None  # norm of the attention output before its residual add (Gemma2/3, OLMo2)
+    post_mlp: torch.Tensor | None  # norm of the MLP output before its residual add (Gemma2/3, OLMo2)
+    q_norm: torch.Tensor | None  # per-head q/k norms [D] (Qwen3, Gemma3), fused into RoPE
     k_norm: torch.Tensor | None
-    window: int | None
     qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: q_norm rows then k_norm rows (CPU step)
+    q_norm_all: torch.Tensor | None  # OLMo2: q/k norms over all heads [Hq*D], [Hkv*D], before the head split
+    k_norm_all: torch.Tensor | None
+    window: int | None
+    softcap: float | None  # attention logits -> softcap * tanh(logits / softcap) (Gemma2)
+    rope: int  # index of the block's cos/sin table (Gemma3: local and global layers differ)
 
 
 class _Session:
@@ -74,7 +90,7 @@ class _Session:
         self.cache_pos = torch.zeros(1, dtype=torch.int32, device=rt.device)  # slot written next
         self.pos = torch.zeros(batch, dtype=torch.long, device=rt.device)  # RoPE position
         self.tok = torch.zeros(batch, dtype=torch.long, device=rt.device)
-        self.cos, self.sin = rt._rope_tables(max_len)
+        self.cos, self.sin = rt._rope_tables(max_len)  # [tables, max_len, head_dim]
         self.graph = None
         self.logits = None
 
@@ -82,12 +98,17 @@ class _Session:
 class Runtime:
     """A compact decoder built from a loaded HF CausalLM; see :meth:`from_hf`."""
 
-    def __init__(self, *, embed, blocks, norm, lm_head, n_q, n_kv, head_dim, eps, scale,
-                 inv_freq, rope_scaling, act_dtype, use_cuda_graph=True):
+    def __init__(self, *, embed, blocks, norm, lm_head, n_q, n_kv, head_dim, eps, scale, ropes, act_dtype,
+                 gelu=False, embed_scale=1.0, residual_scale=1.0, logit_divisor=1.0, logit_softcap=None,
+                 use_cuda_graph=True):
         self.embed, self.blocks, self.norm, self.lm_head = embed, blocks, norm, lm_head
         self.n_q, self.n_kv, self.head_dim = n_q, n_kv, head_dim
         self.eps, self.scale = eps, scale
-        self.inv_freq, self.rope_scaling = inv_freq, rope_scaling
+        self.ropes = ropes  # [(inv_freq, attention scaling)], one per RoPE table
+        self.gelu = gelu  # GeGLU (Gemma) instead of SwiGLU
+        self.embed_scale = embed_scale  # Gemma: sqrt(hidden); Granite: embedding_multiplier
+        self.residual_scale = residual_scale  # Granite: sublayer outputs scaled before the residual add
+        self.logit_divisor, self.logit_softcap = logit_divisor, logit_softcap  # Granite; Gemma2/3
         self.device = embed.device
         self.dtype = embed.dtype
         self.act_dtype = act_dtype
@@ -101,61 +122,81 @@ class Runtime:
     # ------------------------------------------------------------------ building
     @classmethod
     def from_hf(cls, model, dtype=None, device=None, act_dtype=None, use_cuda_graph=True):
-        """Copy a HF Llama/Mistral/Qwen2/Qwen3 CausalLM (dense or pruned) into merged
-        tensors. ``dtype`` is the weight dtype; ``act_dtype`` (default: ``dtype`` on CUDA,
-        fp32 on CPU) is the residual stream, KV cache and attention dtype."""
+        """Copy a HF CausalLM of a supported family (dense or pruned) into merged tensors.
+        ``dtype`` is the weight dtype; ``act_dtype`` (default: ``dtype`` on CUDA, fp32 on
+        CPU) is the residual stream, KV cache and attention dtype."""
         cfg = model.config
         if cfg.model_type not in SUPPORTED_FAMILIES:
             raise ValueError(f"model_type {cfg.model_type!r} is not supported by the runtime; "
                              f"supported families: {', '.join(SUPPORTED_FAMILIES)}")
-        if getattr(cfg, "hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg.hidden_act!r} not supported (SwiGLU/silu only)")
-        if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("partial rotary embeddings are not supported")
+        act = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"MLP activation {act!r} not supported ({', '.join(_ACTIVATIONS)} only)")
         base = model.model
         dtype = dtype or next(model.parameters()).dtype
         device = torch.device(device) if device is not None else next(model.parameters()).device
         if act_dtype is None:
             act_dtype = dtype if device.type == "cuda" else torch.float32
+        offset = 1.0 if cfg.model_type in _GEMMA_NORM else 0.0
 
         def t(x, dt=dtype):
             return None if x is None else x.detach().to(device=device, dtype=dt).contiguous()
 
-        def norm(x):  # norm weights live in the activation dtype (tiny, and closer to HF fp32)
-            return t(x, act_dtype)
+        def norm(mod):
+            """Norm weights in the activation dtype (tiny, and closer to HF fp32), with
+            Gemma's offset folded in."""
+            return None if mod is None else t(mod.weight.detach().float() + offset, act_dtype)
 
         def cat(mods, attr):
             parts = [getattr(m, attr) for m in mods]
             return None if parts[0] is None else t(torch.cat([p.detach() for p in parts]))
 
         n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        blocks = []
-        for layer in base.layers:
-            a, m = layer.self_attn, layer.mlp
-            window = cfg.sliding_window if cfg.model_type == "mistral" else getattr(a, "sliding_window", None)
-            blocks.append(_Block(
-                wqkv=cat((a.q_proj, a.k_proj, a.v_proj), "weight"),
-                bqkv=cat((a.q_proj, a.k_proj, a.v_proj), "bias"),
-                wo=t(a.o_proj.weight), bo=t(a.o_proj.bias),
-                wgu=cat((m.gate_proj, m.up_proj), "weight"), bgu=cat((m.gate_proj, m.up_proj), "bias"),
-                wd=t(m.down_proj.weight), bd=t(m.down_proj.bias),
-                ln1=norm(layer.input_layernorm.weight), ln2=norm(layer.post_attention_layernorm.weight),
-                q_norm=norm(a.q_norm.weight) if hasattr(a, "q_norm") else None,
-                k_norm=norm(a.k_norm.weight) if hasattr(a, "k_norm") else None,
-                qk_norm=norm(torch.cat((a.q_norm.weight.expand(n_q, -1), a.k_norm.weight.expand(n_kv, -1))))
-                if hasattr(a, "q_norm") else None,
-                window=int(window) if window else None))
-        embed = t(base.embed_tokens.weight)
-        head = model.lm_head.weight
-        lm_head = embed if head.data_ptr() == base.embed_tokens.weight.data_ptr() else t(head)
         attn0 = base.layers[0].self_attn if len(base.layers) else None
         head_dim = getattr(attn0, "head_dim", None) or getattr(cfg, "head_dim", None) \
             or cfg.hidden_size // cfg.num_attention_heads
-        inv_freq, rope_scaling = _inv_freq(model, head_dim)
-        return cls(embed=embed, blocks=blocks, norm=norm(base.norm.weight), lm_head=lm_head,
+        ropes, rope_of = _ropes(model, head_dim)
+        layer_types = getattr(cfg, "layer_types", None)
+        blocks = []
+        for i, layer in enumerate(base.layers):
+            a, m = layer.self_attn, layer.mlp
+            qkv = (a.qkv_proj,) if hasattr(a, "qkv_proj") else (a.q_proj, a.k_proj, a.v_proj)  # Phi3: merged
+            gu = (m.gate_up_proj,) if hasattr(m, "gate_up_proj") else (m.gate_proj, m.up_proj)  # Phi3: [gate; up]
+            ln1, ln2, post_attn, post_mlp = _norm_roles(layer)
+            qn, kn = norm(getattr(a, "q_norm", None)), norm(getattr(a, "k_norm", None))
+            per_head = qn is not None and qn.numel() == head_dim  # else OLMo2's, over all heads
+            if layer_types:
+                window = cfg.sliding_window if layer_types[i] == "sliding_attention" else None
+            else:
+                window = getattr(cfg, "sliding_window", None)
+            blocks.append(_Block(
+                wqkv=cat(qkv, "weight"), bqkv=cat(qkv, "bias"),
+                wo=t(a.o_proj.weight), bo=t(a.o_proj.bias),
+                wgu=cat(gu, "weight"), bgu=cat(gu, "bias"),
+                wd=t(m.down_proj.weight), bd=t(m.down_proj.bias),
+                ln1=norm(ln1), ln2=norm(ln2), post_attn=norm(post_attn), post_mlp=norm(post_mlp),
+                q_norm=qn if per_head else None, k_norm=kn if per_head else None,
+                qk_norm=torch.cat((qn.expand(n_q, -1), kn.expand(n_kv, -1))) if per_head else None,
+                q_norm_all=None if per_head else qn, k_norm_all=None if per_head else kn,
+                window=int(window) if window else None,
+                # Gemma3 keeps attn_logit_softcapping in its config but never applies it
+                softcap=getattr(a, "attn_logit_softcapping", None) if cfg.model_type == "gemma2" else None,
+                rope=rope_of[i]))
+        emb = base.embed_tokens
+        embed = t(emb.weight)
+        head = model.lm_head.weight
+        lm_head = embed if head.data_ptr() == emb.weight.data_ptr() else t(head)
+        # Gemma multiplies by sqrt(hidden) cast to the weight dtype, Granite by its multiplier
+        embed_scale = float(emb.embed_scale.to(dtype)) if hasattr(emb, "embed_scale") \
+            else float(getattr(cfg, "embedding_multiplier", 1.0))
+        adapter = ModelAdapter(model)
+        return cls(embed=embed, blocks=blocks, norm=norm(base.norm), lm_head=lm_head,
                    n_q=n_q, n_kv=n_kv, head_dim=head_dim,
                    eps=cfg.rms_norm_eps, scale=getattr(attn0, "scaling", head_dim ** -0.5),
-                   inv_freq=inv_freq.to(device), rope_scaling=rope_scaling, act_dtype=act_dtype,
+                   ropes=[(f.to(device), scaling) for f, scaling in ropes], act_dtype=act_dtype,
+                   gelu=_ACTIVATIONS[act], embed_scale=embed_scale,
+                   residual_scale=float(getattr(cfg, "residual_multiplier", 1.0)),
+                   logit_divisor=adapter.logit_divisor, logit_softcap=adapter.logit_softcap,
                    use_cuda_graph=use_cuda_graph)
 
     @classmethod
@@ -168,10 +209,58 @@ class Runtime:
         return cls.from_hf(model, dtype=dtype, device=device, **kw)
 
     def _rope_tables(self, n):
-        """cos/sin [n, head_dim] in fp32, computed like HF's rotary embedding."""
-        f = torch.arange(n, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq[None]
-        emb = torch.cat((f, f), dim=-1)
-        return (emb.cos() * self.rope_scaling).contiguous(), (emb.sin() * self.rope_scaling).contiguous()
+        """cos/sin [tables, n, head_dim] in fp32, computed like HF's rotary embedding."""
+        p = torch.arange(n, device=self.device, dtype=torch.float32)[:, None]
+        emb = torch.stack([torch.cat((p * f, p * f), dim=-1) for f, _ in self.ropes])
+        scaling = torch.tensor([sc for _, sc in self.ropes], device=self.device)[:, None, None]
+        return emb.cos() * scaling, emb.sin() * scaling
+
+    # ------------------------------------------------------------------ pieces of a block
+    def _embed(self, ids):
+        x = F.embedding(ids, self.embed)
+        if self.embed_scale != 1.0:  # in the weight dtype, as HF does
+            x = x * self.embed_scale
+        return x.to(self.act_dtype)
+
+    def _rms(self, x, w):
+        """RMSNorm through the op table (the fused kernel on CUDA)."""
+        return self._add_rmsnorm(x, None, w, self.eps)[0]
+
+    def _rms_cpu(self, x, w):
+        """RMSNorm in one PyTorch call (CPU step)."""
+        return F.rms_norm(x, x.shape[-1:], w, self.eps)
+
+    def _add_norm(self, x, res, w):
+        """Residual add fused with the next pre-norm: (normed input, residual stream).
+        Without a pre-norm (OLMo2) the sublayer reads the residual stream itself."""
+        if w is None:
+            h = x if res is None else x + res
+            return h, h
+        return self._add_rmsnorm(x, res, w, self.eps)
+
+    def _post(self, x, w, norm):
+        """A sublayer output as it joins the residual stream: its post-norm (Gemma2/3,
+        OLMo2) and Granite's residual multiplier, where the family has them."""
+        if w is not None:
+            x = norm(x, w)
+        if self.residual_scale != 1.0:
+            x = x * self.residual_scale
+        return x
+
+    def _qk_norm_all(self, qkv, b, norm):
+        """OLMo2: RMSNorm over all q heads and over all k heads of merged QKV [..., W]."""
+        nq, nk = self.n_q * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = qkv.split([nq, nk, nk], dim=-1)
+        return torch.cat((norm(q, b.q_norm_all), norm(k, b.k_norm_all), v), dim=-1)
+
+    def _logits(self, h, lin=_lin):
+        """The head, then Granite's logit divisor and Gemma's final softcap; fp32."""
+        x = lin(h, self.lm_head)
+        if self.logit_divisor != 1.0:
+            x = x / self.logit_divisor
+        if self.logit_softcap:
+            x = torch.tanh(x / self.logit_softcap) * self.logit_softcap
+        return x.float()
 
     # ------------------------------------------------------------------ forward passes
     def _session(self, batch, max_len):
@@ -193,52 +282,59 @@ class Runtime:
         B, T = ids.shape
         pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
         i = torch.arange(T, device=ids.device)
-        causal = (i[None, :] <= i[:, None])[None] & mask.bool()[:, None, :]
-        causal |= torch.eye(T, dtype=torch.bool, device=ids.device)  # fully padded rows stay finite
-        cos, sin = s.cos[pos].to(self.act_dtype)[:, None], s.sin[pos].to(self.act_dtype)[:, None]
+        eye = torch.eye(T, dtype=torch.bool, device=ids.device)
+        causal = (i[None, :] <= i[:, None])[None] & mask.bool()[:, None, :] | eye  # fully padded rows stay finite
+        ropes = [(c[pos].to(self.act_dtype)[:, None], sn[pos].to(self.act_dtype)[:, None])
+                 for c, sn in zip(s.cos, s.sin)]
         rep = self.n_q // self.n_kv
         lin = _lin_wide if self.device.type == "cpu" and self.dtype == torch.float16 else _lin
-        x = F.embedding(ids, self.embed).to(self.act_dtype)
+        x = self._embed(ids)
         for li, b in enumerate(self.blocks):
-            h = self._add_rmsnorm(x, None, b.ln1, self.eps)[0]
-            qkv = lin(h, b.wqkv, b.bqkv).view(B, T, -1, self.head_dim).transpose(1, 2)
+            h = x if b.ln1 is None else self._rms(x, b.ln1)
+            qkv = lin(h, b.wqkv, b.bqkv)
+            if b.q_norm_all is not None:
+                qkv = self._qk_norm_all(qkv, b, self._rms)
+            qkv = qkv.view(B, T, -1, self.head_dim).transpose(1, 2)
             q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=1)
             if b.q_norm is not None:
-                q = self._add_rmsnorm(q, None, b.q_norm, self.eps)[0]
-                k = self._add_rmsnorm(k, None, b.k_norm, self.eps)[0]
+                q = self._rms(q, b.q_norm)
+                k = self._rms(k, b.k_norm)
+            cos, sin = ropes[b.rope]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             s.k[li, :, :, :T] = k
             s.v[li, :, :, :T] = v
             allowed = causal
             if b.window:
-                allowed = causal & (i[None, :] > i[:, None] - b.window)[None] | torch.eye(T, dtype=torch.bool, device=ids.device)
-            o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                               attn_mask=allowed[:, None], scale=self.scale)
-            x = x + lin(o.transpose(1, 2).reshape(B, T, -1), b.wo, b.bo)
-            h = self._add_rmsnorm(x, None, b.ln2, self.eps)[0]
-            x = x + lin(self._swiglu(lin(h, b.wgu, b.bgu)), b.wd, b.bd)
-        x = self._add_rmsnorm(x if all_logits else x[:, -1], None, self.norm, self.eps)[0]
+                allowed = causal & (i[None, :] > i[:, None] - b.window)[None] | eye
+            o = _prefill_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), allowed,
+                                   self.scale, b.softcap)
+            x = x + self._post(lin(o.transpose(1, 2).reshape(B, T, -1), b.wo, b.bo), b.post_attn, self._rms)
+            h = x if b.ln2 is None else self._rms(x, b.ln2)
+            x = x + self._post(lin(self._swiglu(lin(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp,
+                               self._rms)
+        x = self._rms(x if all_logits else x[:, -1], self.norm)
         s.cache_pos.fill_(T)
         s.pos.copy_(pos[:, -1] + 1)
         s.start.copy_(T - mask.sum(-1))
-        return (lin if all_logits else _lin)(x, self.lm_head).float()  # one row: stay narrow
+        return self._logits(x, lin if all_logits else _lin)  # one row: stay narrow
 
     def _step(self, s):
         """One decode step for every row of the session; logits [B, vocab] fp32."""
-        x = F.embedding(s.tok, self.embed).to(self.act_dtype)
+        x = self._embed(s.tok)
         res = None
         for li, b in enumerate(self.blocks):
-            h, res = self._add_rmsnorm(x, res, b.ln1, self.eps)
+            h, res = self._add_norm(x, res, b.ln1)
             qkv = _lin(h, b.wqkv, b.bqkv)
-            q = self._rope_cache(qkv, s.cos, s.sin, s.pos, s.k[li], s.v[li], s.cache_pos,
+            if b.q_norm_all is not None:
+                qkv = self._qk_norm_all(qkv, b, self._rms)
+            q = self._rope_cache(qkv, s.cos[b.rope], s.sin[b.rope], s.pos, s.k[li], s.v[li], s.cache_pos,
                                  self.n_q, self.n_kv, b.q_norm, b.k_norm, self.eps)
-            o = self._attention(q, s.k[li], s.v[li], s.start, s.cache_pos, b.window, self.scale)
-            x = _lin(o.reshape(s.batch, -1), b.wo, b.bo)
-            h, res = self._add_rmsnorm(x, res, b.ln2, self.eps)
-            x = _lin(self._swiglu(_lin(h, b.wgu, b.bgu)), b.wd, b.bd)
-        h = self._add_rmsnorm(x, res, self.norm, self.eps)[0]
-        return _lin(h, self.lm_head).float()
+            o = self._attention(q, s.k[li], s.v[li], s.start, s.cache_pos, b.window, self.scale, b.softcap)
+            x = self._post(_lin(o.reshape(s.batch, -1), b.wo, b.bo), b.post_attn, self._rms)
+            h, res = self._add_norm(x, res, b.ln2)
+            x = self._post(_lin(self._swiglu(_lin(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp, self._rms)
+        return self._logits(self._add_rmsnorm(x, res, self.norm, self.eps)[0])
 
     def _step_cpu(self, s):
         """The same step with as few PyTorch calls as possible: on the CPU a decode step
@@ -248,8 +344,9 @@ class Runtime:
         p = int(s.cache_pos)
         L = p + 1
         act = self.act_dtype
-        cos, sin = s.cos[s.pos].to(act)[:, None], s.sin[s.pos].to(act)[:, None]
-        cos, sin = cos * self._qk_scale, sin * self._qk_scale  # softmax scale folded into q's RoPE
+        # softmax scale folded into q's RoPE
+        ropes = [(c[s.pos].to(act)[:, None] * self._qk_scale, sn[s.pos].to(act)[:, None] * self._qk_scale)
+                 for c, sn in zip(s.cos, s.sin)]
         j = torch.arange(L)
         masks = {}
         for w in {b.window for b in self.blocks}:
@@ -258,25 +355,32 @@ class Runtime:
                 bad |= (j <= p - w)[None]
             masks[w] = (torch.zeros(B, 1, 1, L, dtype=act).masked_fill(bad[:, None, None], float("-inf"))
                         if bool(bad.any()) else None)
-        x = F.embedding(s.tok, self.embed).to(act)
+        norm = self._rms_cpu
+        x = self._embed(s.tok)
         for li, b in enumerate(self.blocks):
-            h = F.rms_norm(x, x.shape[-1:], b.ln1, self.eps)
-            qkv = _lin(h, b.wqkv, b.bqkv).view(B, nq + 2 * nkv, D)
+            h = x if b.ln1 is None else norm(x, b.ln1)
+            qkv = _lin(h, b.wqkv, b.bqkv)
+            if b.q_norm_all is not None:
+                qkv = self._qk_norm_all(qkv, b, norm)
+            qkv = qkv.view(B, nq + 2 * nkv, D)
             qk = qkv[:, :nq + nkv]
-            if b.q_norm is not None:
+            if b.qk_norm is not None:
                 qk = F.rms_norm(qk, (D,), eps=self.eps) * b.qk_norm
+            cos, sin = ropes[b.rope]
             qk = qk * cos + torch.cat((-qk[..., D // 2:], qk[..., :D // 2]), -1) * sin
             kc, vc = s.k[li], s.v[li]
             kc[:, :, p] = qk[:, nq:]
             vc[:, :, p] = qkv[:, nq + nkv:]
             att = torch.matmul(qk[:, :nq].view(B, nkv, nq // nkv, D), kc[:, :, :L].transpose(-1, -2))
+            if b.softcap:
+                att = torch.tanh(att / b.softcap) * b.softcap
             if masks[b.window] is not None:
                 att += masks[b.window]
             o = torch.matmul(att.softmax(-1), vc[:, :, :L])
-            x = x + _lin(o.view(B, nq * D), b.wo, b.bo)
-            gu = _lin(F.rms_norm(x, x.shape[-1:], b.ln2, self.eps), b.wgu, b.bgu)
-            x = x + _lin(F.silu(gu[:, :gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2:], b.wd, b.bd)
-        return _lin(F.rms_norm(x, x.shape[-1:], self.norm, self.eps), self.lm_head).float()
+            x = x + self._post(_lin(o.view(B, nq * D), b.wo, b.bo), b.post_attn, norm)
+            h = x if b.ln2 is None else norm(x, b.ln2)
+            x = x + self._post(_lin(self._swiglu(_lin(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp, norm)
+        return self._logits(norm(x, self.norm))
 
     def _decode(self, s):
         if self.device.type == "cpu":
@@ -388,18 +492,51 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _inv_freq(model, head_dim):
+def _norm_roles(layer):
+    """A decoder layer's RMSNorms as (before attention, before MLP, after attention, after
+    MLP). ``post_attention_layernorm`` is the pre-MLP norm of Llama-style blocks but the
+    attention-output norm of blocks that also norm the MLP output (Gemma2/3, OLMo2)."""
+    pre_attn = getattr(layer, "input_layernorm", None)
+    post_mlp = getattr(layer, "post_feedforward_layernorm", None)
+    if post_mlp is None:
+        return pre_attn, layer.post_attention_layernorm, None, None
+    return pre_attn, getattr(layer, "pre_feedforward_layernorm", None), layer.post_attention_layernorm, post_mlp
+
+
+def _prefill_attention(q, k, v, allowed, scale, softcap):
+    """Attention over [B, H, T, D] with a boolean mask [B, T, T]; with ``softcap`` the
+    scaled logits are capped like HF's eager Gemma2 code (SDPA cannot)."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
+    s = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / softcap) * softcap
+    s = s.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _ropes(model, head_dim):
+    """The RoPE tables to build, [(inv_freq, attention scaling)], and each block's table:
+    one table, or one per layer type when ``rope_parameters`` is keyed by it (Gemma3)."""
     cfg = model.config
     rp = getattr(cfg, "rope_parameters", None) or {}
-    if any(isinstance(v, dict) for v in rp.values()):
-        raise ValueError("per-layer-type RoPE parameters are not supported")
+    if not any(isinstance(v, dict) for v in rp.values()):
+        return [_inv_freq(model, rp, head_dim)], [0] * len(model.model.layers)
+    layer_types = cfg.layer_types[:len(model.model.layers)]
+    types = sorted(set(layer_types))
+    return [_inv_freq(model, rp[lt], head_dim, lt) for lt in types], [types.index(lt) for lt in layer_types]
+
+
+def _inv_freq(model, rp, head_dim, layer_type=None):
+    cfg = model.config
+    if (rp.get("partial_rotary_factor") or getattr(cfg, "partial_rotary_factor", None) or 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings are not supported by the runtime")
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     if rope_type == "default":
         theta = rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
-    if rope_type in _ROPE_FROM_MODEL:
+    if rope_type in _ROPE_FROM_MODEL:  # HF's rotary module holds it (per layer type: prefixed)
         rot = model.model.rotary_emb
-        return rot.inv_freq.detach().float(), float(rot.attention_scaling)
+        prefix = f"{layer_type}_" if layer_type else ""
+        return getattr(rot, prefix + "inv_freq").detach().float(), float(getattr(rot, prefix + "attention_scaling"))
     raise ValueError(f"RoPE type {rope_type!r} is not implemented by the runtime "
                      f"(supported: default, {', '.join(_ROPE_FROM_MODEL)})")
 

