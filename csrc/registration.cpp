@@ -1,5 +1,5 @@
 // Operator schemas of the depthcut library and the Python module stub.
-// Device kernels register themselves in cpu_ops.cpp, decode_linear.cpp and cuda_ops.cu.
+// Device kernels register themselves in cpu_ops.cpp, cpu_decode.cpp, decode_linear.cpp and cuda_ops.cu.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -16,6 +16,15 @@ TORCH_LIBRARY(depthcut, m) {
   m.def("taylor_saliency(Tensor x, Tensor dy, Tensor weight) -> Tensor");
   // x @ weight.T + bias for a few fp32 rows, fp16/bf16/fp32 weights widened in registers.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // The decode-step kernels of triton_kernels/decode.py (same arguments; None -> 0).
+  m.def("add_rmsnorm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor y, Tensor h)");
+  m.def(
+      "rope_cache_write(Tensor qkv, Tensor cos, Tensor sin, Tensor pos, Tensor(a!) k_cache, Tensor(b!) v_cache,"
+      " Tensor cache_pos, int n_q, int n_kv, Tensor? q_norm, Tensor? k_norm, float eps) -> Tensor");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor start, Tensor cache_pos, int window,"
+      " float scale, float softcap) -> Tensor");
+  m.def("swiglu(Tensor gu, bool gelu) -> Tensor");
 }
 
 // `import engine._C` only has to load the shared object: the ops live in torch.ops.depthcut.

@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from .errors import DepthcutError  # noqa: E402
 
 # One dtype vocabulary for every flag; "auto" is the device default when loading, the
-# model's own dtype for the fused pass and the runtime.
+# model's own dtype for the fused pass, and runtime.default_dtype for the runtime.
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("runtime", "hf"), default="runtime",
                    help="depthcut's static-cache runtime, or Hugging Face generate to compare")
     p.add_argument("--runtime-dtype", choices=sorted(DTYPES), default="auto",
-                   help="runtime weight dtype (fp16 weights decode fastest on CPUs)")
+                   help="runtime weight dtype; auto: fp16 on the CPU (fp32 arithmetic, half the bytes) "
+                        "when the weights fit, else the model's")
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int)
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=_ints, help="e.g. 128,512")
     p.add_argument("--warmup", type=int)
     p.add_argument("--runs", type=int)
-    p.add_argument("--runtime-dtypes", default=None, help="comma list of auto,fp32,bf16,fp16")
+    p.add_argument("--runtime-dtypes", default=None, help="comma list of runtime weight dtypes (auto,fp32,bf16,fp16; default: "
+                   "auto on GPUs, fp32,fp16 on CPUs)")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     p.add_argument("--out", default="bench", help="folder for speed.json and speed.png")
     p.set_defaults(func=cmd_bench)
@@ -323,10 +325,11 @@ def cmd_generate(args):
     ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.backend == "runtime":
-        from .runtime import Runtime
+        from .runtime import Runtime, default_dtype
 
+        weights = _dtype(args.runtime_dtype) or default_dtype(model)
         try:
-            runtime = Runtime.from_hf(model, dtype=_dtype(args.runtime_dtype))
+            runtime = Runtime.from_hf(model, dtype=weights)
         except ValueError as e:
             raise DepthcutError(f"{e} (use --backend hf)") from None
         generator = torch.Generator(device=ids.device).manual_seed(args.seed)
@@ -335,6 +338,7 @@ def cmd_generate(args):
                                          generator=generator, **sampling)
         new = tokens[0]
         prefill_s, decode_tok_s = stats["prefill_s"], stats["decode_tok_s"]
+        label = f"runtime, {str(weights).replace('torch.', '')} weights"
     else:
         torch.manual_seed(args.seed)
         with torch.inference_mode():
@@ -346,24 +350,27 @@ def cmd_generate(args):
             elapsed = time.perf_counter() - t0
         new = out[0, ids.shape[1]:]
         decode_tok_s = max(len(new) - 1, 1) / max(elapsed - prefill_s, 1e-9)
+        label = "hf"
     print(tokenizer.decode(new, skip_special_tokens=True))
     print(f"prefill {ids.shape[1]} tokens: {prefill_s * 1e3:.1f} ms; decode: {decode_tok_s:.1f} tok/s "
-          f"({args.backend})", file=sys.stderr)
+          f"({label})", file=sys.stderr)
 
 
 def cmd_bench(args):
+    from .runtime import default_dtype
     from .speed import random_model, speed_protocol, tail_blocks
 
     model = random_model(args.shape) if args.shape else _load(args)[0]
     on_gpu = next(model.parameters()).device.type == "cuda"
-    names = (args.runtime_dtypes or ("auto" if on_gpu else "auto,fp16")).split(",")
+    names = (args.runtime_dtypes or ("auto" if on_gpu else "fp32,fp16")).split(",")
     unknown = [n for n in names if n not in DTYPES]
     if unknown:
         raise DepthcutError(f"unknown runtime dtype {unknown}; choose from {', '.join(DTYPES)}")
     n = model.config.num_hidden_layers
     result = speed_protocol(model, tail_blocks(n, args.keep or round(0.8 * n)), batch_sizes=args.batch_sizes,
                             new_tokens=args.new_tokens, warmup=args.warmup, runs=args.runs,
-                            dtypes=[_dtype(x) for x in names], hf=not args.no_hf, out_dir=args.out)
+                            dtypes=list(dict.fromkeys(_dtype(x) or default_dtype(model) for x in names)),
+                            hf=not args.no_hf, out_dir=args.out)
     print(f"\n{result['machine']}: ratios measured in this run")
     for r in result["ratios"]:
         print(f"  {r['what']:<24} {r.get('model', r.get('backend')):>12} B={r['batch']:<4} "

@@ -110,3 +110,23 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def decode_ops(device: torch.device, dtype: torch.dtype):
+    """(add_rmsnorm, rope_cache_write, decode_attention, swiglu) for decode steps whose
+    activations are `dtype` on `device`, with the signatures of triton_kernels.decode:
+    Triton on CUDA, the compiled ops for fp32 on the CPU, else the torch references."""
+    backend = _backend(device)
+    if backend == "ext" and device.type == "cpu" and dtype == torch.float32:
+        ops = torch.ops.depthcut
+
+        def attention(q, k_cache, v_cache, start, cache_pos, window, scale, softcap=None):
+            return ops.decode_attention(q, k_cache, v_cache, start, cache_pos, int(window or 0), float(scale),
+                                        float(softcap or 0.0))
+
+        return ops.add_rmsnorm, ops.rope_cache_write, attention, lambda gu, gelu=False: ops.swiglu(gu, gelu)
+    from triton_kernels import decode as K
+
+    if backend == "triton":
+        return K.add_rmsnorm, K.rope_cache_write, K.decode_attention, K.swiglu
+    return K.add_rmsnorm_ref, K.rope_cache_write_ref, K.decode_attention_ref, K.swiglu_ref

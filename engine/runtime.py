@@ -5,10 +5,10 @@ per-layer cache bookkeeping, so deleting blocks barely shows up in tokens/s. Thi
 runtime keeps only what a decode step needs: merged QKV and gate/up weights, RoPE
 tables computed once, a static KV cache per (batch bucket, max length), and on CUDA
 a decode step captured as one CUDA graph (per batch bucket) over the fused Triton
-kernels of ``triton_kernels.decode``. On the CPU, where a step costs per-op dispatch
-plus weight bandwidth, a lean step with the fewest PyTorch calls runs instead, with
-optional bf16/fp16 weights over an fp32 residual stream. Blocks are a plain list, so a
-pruned model is just a shorter one.
+kernels of ``triton_kernels.decode``. On the CPU the same step runs over their C++
+twins in ``engine._C`` (a handful of calls per block instead of dozens of ATen ops), with
+fp32 activations over fp32, bf16 or fp16 weights that the decode GEMV widens in
+registers. Blocks are a plain list, so a pruned model is just a shorter one.
 
 One block code serves every family; what differs is data on the runtime and its blocks:
 which RMSNorms a block has (before and/or after each sublayer, q/k norms per head or
@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._ext import HAS_EXT
+from .kernels import decode_linear as linear
+from .kernels import decode_ops
 from .models import FAMILIES, ModelAdapter
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -33,25 +36,18 @@ _ROPE_FROM_MODEL = ("linear", "llama3", "yarn")  # static inv_freq: reuse HF's c
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def _ops(device: torch.device):
-    """Fused Triton kernels on CUDA, their references elsewhere (same signatures)."""
-    from triton_kernels import decode as K
-
-    if device.type == "cuda":
-        return K.add_rmsnorm, K.rope_cache_write, K.decode_attention, K.swiglu
-    return K.add_rmsnorm_ref, K.rope_cache_write_ref, K.decode_attention_ref, K.swiglu_ref
-
-
-def _lin(x, w, b=None):
-    """Linear in the weights' dtype, result back in the activation dtype (bf16 weights
-    with an fp32 residual stream on CPU keeps greedy tokens closer to fp32)."""
-    return F.linear(x.to(w.dtype), w, b).to(x.dtype)
-
-
-def _lin_wide(x, w, b=None):
-    """Prefill on the CPU with fp16 weights: many-row fp16 GEMMs are slow there (no
-    native fp16 arithmetic), so upcast the weight and multiply in the activation dtype."""
-    return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+def default_dtype(model, device=None) -> torch.dtype:
+    """Weight dtype for a runtime when the user names none. On the CPU with the compiled
+    ops: fp16, when every weight fits it. A CPU step streams all weights per token, fp16
+    halves the bytes of fp32, and the arithmetic stays fp32 (11-bit weights: SmolLM2's
+    greedy tokens equal the fp32 model's; bf16's 8 bits changed them). Elsewhere, and
+    for weights beyond fp16's range, the model's own dtype."""
+    dtype = next(model.parameters()).dtype
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type != "cpu" or not HAS_EXT or dtype == torch.float16:
+        return dtype
+    big = max(float(p.detach().abs().max()) for p in model.parameters() if p.numel())
+    return torch.float16 if big < torch.finfo(torch.float16).max else dtype
 
 
 @dataclass
@@ -70,7 +66,6 @@ class _Block:
     post_mlp: torch.Tensor | None  # norm of the MLP output before its residual add (Gemma2/3, OLMo2)
     q_norm: torch.Tensor | None  # per-head q/k norms [D] (Qwen3, Gemma3), fused into RoPE
     k_norm: torch.Tensor | None
-    qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: q_norm rows then k_norm rows (CPU step)
     q_norm_all: torch.Tensor | None  # OLMo2: q/k norms over all heads [Hq*D], [Hkv*D], before the head split
     k_norm_all: torch.Tensor | None
     window: int | None
@@ -113,9 +108,7 @@ class Runtime:
         self.dtype = embed.dtype
         self.act_dtype = act_dtype
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
-        self._add_rmsnorm, self._rope_cache, self._attention, self._swiglu = _ops(self.device)
-        self._qk_scale = torch.ones(n_q + n_kv, 1, dtype=act_dtype, device=self.device)
-        self._qk_scale[:n_q] = scale
+        self._add_rmsnorm, self._rope_cache, self._attention, self._swiglu = decode_ops(self.device, act_dtype)
         self._sessions: dict[int, _Session] = {}
         self._pool = None
 
@@ -176,7 +169,6 @@ class Runtime:
                 wd=t(m.down_proj.weight), bd=t(m.down_proj.bias),
                 ln1=norm(ln1), ln2=norm(ln2), post_attn=norm(post_attn), post_mlp=norm(post_mlp),
                 q_norm=qn if per_head else None, k_norm=kn if per_head else None,
-                qk_norm=torch.cat((qn.expand(n_q, -1), kn.expand(n_kv, -1))) if per_head else None,
                 q_norm_all=None if per_head else qn, k_norm_all=None if per_head else kn,
                 window=int(window) if window else None,
                 # Gemma3 keeps attn_logit_softcapping in its config but never applies it
@@ -226,10 +218,6 @@ class Runtime:
         """RMSNorm through the op table (the fused kernel on CUDA)."""
         return self._add_rmsnorm(x, None, w, self.eps)[0]
 
-    def _rms_cpu(self, x, w):
-        """RMSNorm in one PyTorch call (CPU step)."""
-        return F.rms_norm(x, x.shape[-1:], w, self.eps)
-
     def _add_norm(self, x, res, w):
         """Residual add fused with the next pre-norm: (normed input, residual stream).
         Without a pre-norm (OLMo2) the sublayer reads the residual stream itself."""
@@ -253,9 +241,9 @@ class Runtime:
         q, k, v = qkv.split([nq, nk, nk], dim=-1)
         return torch.cat((norm(q, b.q_norm_all), norm(k, b.k_norm_all), v), dim=-1)
 
-    def _logits(self, h, lin=_lin):
+    def _logits(self, h):
         """The head, then Granite's logit divisor and Gemma's final softcap; fp32."""
-        x = lin(h, self.lm_head)
+        x = linear(h, self.lm_head)
         if self.logit_divisor != 1.0:
             x = x / self.logit_divisor
         if self.logit_softcap:
@@ -287,11 +275,10 @@ class Runtime:
         ropes = [(c[pos].to(self.act_dtype)[:, None], sn[pos].to(self.act_dtype)[:, None])
                  for c, sn in zip(s.cos, s.sin)]
         rep = self.n_q // self.n_kv
-        lin = _lin_wide if self.device.type == "cpu" and self.dtype == torch.float16 else _lin
         x = self._embed(ids)
         for li, b in enumerate(self.blocks):
             h = x if b.ln1 is None else self._rms(x, b.ln1)
-            qkv = lin(h, b.wqkv, b.bqkv)
+            qkv = linear(h, b.wqkv, b.bqkv)
             if b.q_norm_all is not None:
                 qkv = self._qk_norm_all(qkv, b, self._rms)
             qkv = qkv.view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -309,15 +296,15 @@ class Runtime:
                 allowed = causal & (i[None, :] > i[:, None] - b.window)[None] | eye
             o = _prefill_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), allowed,
                                    self.scale, b.softcap)
-            x = x + self._post(lin(o.transpose(1, 2).reshape(B, T, -1), b.wo, b.bo), b.post_attn, self._rms)
+            x = x + self._post(linear(o.transpose(1, 2).reshape(B, T, -1), b.wo, b.bo), b.post_attn, self._rms)
             h = x if b.ln2 is None else self._rms(x, b.ln2)
-            x = x + self._post(lin(self._swiglu(lin(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp,
+            x = x + self._post(linear(self._swiglu(linear(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp,
                                self._rms)
         x = self._rms(x if all_logits else x[:, -1], self.norm)
         s.cache_pos.fill_(T)
         s.pos.copy_(pos[:, -1] + 1)
         s.start.copy_(T - mask.sum(-1))
-        return self._logits(x, lin if all_logits else _lin)  # one row: stay narrow
+        return self._logits(x)
 
     def _step(self, s):
         """One decode step for every row of the session; logits [B, vocab] fp32."""
@@ -325,67 +312,19 @@ class Runtime:
         res = None
         for li, b in enumerate(self.blocks):
             h, res = self._add_norm(x, res, b.ln1)
-            qkv = _lin(h, b.wqkv, b.bqkv)
+            qkv = linear(h, b.wqkv, b.bqkv)
             if b.q_norm_all is not None:
                 qkv = self._qk_norm_all(qkv, b, self._rms)
             q = self._rope_cache(qkv, s.cos[b.rope], s.sin[b.rope], s.pos, s.k[li], s.v[li], s.cache_pos,
                                  self.n_q, self.n_kv, b.q_norm, b.k_norm, self.eps)
             o = self._attention(q, s.k[li], s.v[li], s.start, s.cache_pos, b.window, self.scale, b.softcap)
-            x = self._post(_lin(o.reshape(s.batch, -1), b.wo, b.bo), b.post_attn, self._rms)
+            x = self._post(linear(o.reshape(s.batch, -1), b.wo, b.bo), b.post_attn, self._rms)
             h, res = self._add_norm(x, res, b.ln2)
-            x = self._post(_lin(self._swiglu(_lin(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp, self._rms)
+            x = self._post(linear(self._swiglu(linear(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp, self._rms)
         return self._logits(self._add_rmsnorm(x, res, self.norm, self.eps)[0])
 
-    def _step_cpu(self, s):
-        """The same step with as few PyTorch calls as possible: on the CPU a decode step
-        is dominated by per-op dispatch, not arithmetic. RoPE tables, the attention scale
-        and the padding/window masks are prepared once per step instead of per layer."""
-        B, D, nq, nkv = s.batch, self.head_dim, self.n_q, self.n_kv
-        p = int(s.cache_pos)
-        L = p + 1
-        act = self.act_dtype
-        # softmax scale folded into q's RoPE
-        ropes = [(c[s.pos].to(act)[:, None] * self._qk_scale, sn[s.pos].to(act)[:, None] * self._qk_scale)
-                 for c, sn in zip(s.cos, s.sin)]
-        j = torch.arange(L)
-        masks = {}
-        for w in {b.window for b in self.blocks}:
-            bad = j[None] < s.start[:, None]
-            if w:
-                bad |= (j <= p - w)[None]
-            masks[w] = (torch.zeros(B, 1, 1, L, dtype=act).masked_fill(bad[:, None, None], float("-inf"))
-                        if bool(bad.any()) else None)
-        norm = self._rms_cpu
-        x = self._embed(s.tok)
-        for li, b in enumerate(self.blocks):
-            h = x if b.ln1 is None else norm(x, b.ln1)
-            qkv = _lin(h, b.wqkv, b.bqkv)
-            if b.q_norm_all is not None:
-                qkv = self._qk_norm_all(qkv, b, norm)
-            qkv = qkv.view(B, nq + 2 * nkv, D)
-            qk = qkv[:, :nq + nkv]
-            if b.qk_norm is not None:
-                qk = F.rms_norm(qk, (D,), eps=self.eps) * b.qk_norm
-            cos, sin = ropes[b.rope]
-            qk = qk * cos + torch.cat((-qk[..., D // 2:], qk[..., :D // 2]), -1) * sin
-            kc, vc = s.k[li], s.v[li]
-            kc[:, :, p] = qk[:, nq:]
-            vc[:, :, p] = qkv[:, nq + nkv:]
-            att = torch.matmul(qk[:, :nq].view(B, nkv, nq // nkv, D), kc[:, :, :L].transpose(-1, -2))
-            if b.softcap:
-                att = torch.tanh(att / b.softcap) * b.softcap
-            if masks[b.window] is not None:
-                att += masks[b.window]
-            o = torch.matmul(att.softmax(-1), vc[:, :, :L])
-            x = x + self._post(_lin(o.view(B, nq * D), b.wo, b.bo), b.post_attn, norm)
-            h = x if b.ln2 is None else norm(x, b.ln2)
-            x = x + self._post(_lin(self._swiglu(_lin(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp, norm)
-        return self._logits(norm(x, self.norm))
-
     def _decode(self, s):
-        if self.device.type == "cpu":
-            logits = self._step_cpu(s)
-        elif self.use_cuda_graph:
+        if self.use_cuda_graph:
             if s.graph is None:
                 self._capture(s)
             s.graph.replay()

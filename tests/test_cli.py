@@ -109,7 +109,7 @@ def test_generate_prints_text_and_speed(tiny_model_dir, backend, capsys):
     assert run("generate", tiny_model_dir, "--prompt", "def f(x):", "--max-new-tokens", 6, "--backend", backend) == 0
     captured = capsys.readouterr()
     assert captured.out.strip()
-    assert "decode:" in captured.err and "tok/s" in captured.err and f"({backend})" in captured.err
+    assert "decode:" in captured.err and "tok/s" in captured.err and f"({backend}" in captured.err
 
 
 def test_runtime_and_hf_generate_agree(tiny_model_dir, capsys):

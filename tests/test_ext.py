@@ -112,3 +112,75 @@ def test_decode_linear_rejects_bad_input():
         torch.ops.depthcut.decode_linear(torch.ones(1, 4, dtype=torch.float16), torch.ones(2, 4), None)
     with pytest.raises(RuntimeError, match="features"):
         torch.ops.depthcut.decode_linear(torch.ones(1, 5), torch.ones(2, 4), None)
+
+
+# ---------------------------------------------------------------- decode-step ops vs triton_kernels/decode.py references
+
+def _decode_inputs(B, nq, nkv, D, S, seed):
+    from triton_kernels import decode as K  # noqa: F401  (references live there)
+
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, (nq + 2 * nkv) * D, generator=g)
+    table = torch.randn(S, D, generator=g)
+    kc, vc = torch.randn(B, nkv, S, D, generator=g), torch.randn(B, nkv, S, D, generator=g)
+    return g, qkv, table.cos(), table.sin(), kc, vc
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 64), (2, 5, 129)])
+def test_add_rmsnorm_op(residual, shape):
+    from triton_kernels.decode import add_rmsnorm_ref
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x, r, w = torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.rand(shape[-1], generator=g)
+    y, h = torch.ops.depthcut.add_rmsnorm(x, r if residual else None, w, 1e-6)
+    ry, rh = add_rmsnorm_ref(x, r if residual else None, w, 1e-6)
+    torch.testing.assert_close(h, rh, atol=0, rtol=0)
+    torch.testing.assert_close(y, ry, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,nq,nkv,D", [(1, 9, 3, 64), (3, 4, 4, 24), (2, 6, 2, 10)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_rope_cache_write_op(B, nq, nkv, D, norm):
+    from triton_kernels.decode import rope_cache_write_ref
+
+    S = 37
+    g, qkv, cos, sin, kc, vc = _decode_inputs(B, nq, nkv, D, S, seed=B + nq + D)
+    pos = torch.randint(0, S, (B,), generator=g)
+    cache_pos = torch.tensor([S - 5], dtype=torch.int32)
+    qn, kn = (torch.rand(D, generator=g) + 0.5, torch.rand(D, generator=g) + 0.5) if norm else (None, None)
+    k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    q = torch.ops.depthcut.rope_cache_write(qkv, cos, sin, pos, k1, v1, cache_pos, nq, nkv, qn, kn, 1e-6)
+    ref = rope_cache_write_ref(qkv, cos, sin, pos, k2, v2, cache_pos, nq, nkv, qn, kn, 1e-6)
+    torch.testing.assert_close(q, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-5)
+    assert torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("B,nq,nkv,D", [(1, 9, 3, 64), (3, 4, 4, 24), (2, 6, 2, 10)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 20.0), (7, 2.0)])
+def test_decode_attention_op(B, nq, nkv, D, window, softcap):
+    from triton_kernels.decode import decode_attention_ref
+
+    S = 41
+    g, _, _, _, kc, vc = _decode_inputs(B, nq, nkv, D, S, seed=B * nq + D + window)
+    q = torch.randn(B, nq, D, generator=g) * 2
+    start = torch.randint(0, 10, (B,), generator=g).int()
+    cache_pos = torch.tensor([29], dtype=torch.int32)
+    got = torch.ops.depthcut.decode_attention(q, kc, vc, start, cache_pos, window, D ** -0.5, softcap)
+    ref = decode_attention_ref(q, kc, vc, start, cache_pos, window or None, D ** -0.5, softcap or None)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("shape", [(1, 2), (3, 2 * 97), (2, 3, 64)])
+def test_swiglu_op(gelu, shape):
+    from triton_kernels.decode import swiglu_ref
+
+    gu = torch.randn(shape, generator=torch.Generator().manual_seed(shape[-1])) * 3
+    torch.testing.assert_close(torch.ops.depthcut.swiglu(gu, gelu), swiglu_ref(gu, gelu), atol=1e-6, rtol=1e-5)
+
+
+def test_decode_ops_reject_non_fp32():
+    with pytest.raises(RuntimeError, match="fp32"):
+        torch.ops.depthcut.swiglu(torch.ones(2, 4, dtype=torch.bfloat16), False)
