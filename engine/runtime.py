@@ -215,7 +215,7 @@ class Runtime:
         return x.to(self.act_dtype)
 
     def _rms(self, x, w):
-        """RMSNorm through the op table (the fused kernel on CUDA)."""
+        """RMSNorm through the op table (fused: Triton on CUDA, C++ on the CPU)."""
         return self._add_rmsnorm(x, None, w, self.eps)[0]
 
     def _add_norm(self, x, res, w):
@@ -226,20 +226,20 @@ class Runtime:
             return h, h
         return self._add_rmsnorm(x, res, w, self.eps)
 
-    def _post(self, x, w, norm):
+    def _post(self, x, w):
         """A sublayer output as it joins the residual stream: its post-norm (Gemma2/3,
         OLMo2) and Granite's residual multiplier, where the family has them."""
         if w is not None:
-            x = norm(x, w)
+            x = self._rms(x, w)
         if self.residual_scale != 1.0:
             x = x * self.residual_scale
         return x
 
-    def _qk_norm_all(self, qkv, b, norm):
+    def _qk_norm_all(self, qkv, b):
         """OLMo2: RMSNorm over all q heads and over all k heads of merged QKV [..., W]."""
         nq, nk = self.n_q * self.head_dim, self.n_kv * self.head_dim
         q, k, v = qkv.split([nq, nk, nk], dim=-1)
-        return torch.cat((norm(q, b.q_norm_all), norm(k, b.k_norm_all), v), dim=-1)
+        return torch.cat((self._rms(q, b.q_norm_all), self._rms(k, b.k_norm_all), v), dim=-1)
 
     def _logits(self, h):
         """The head, then Granite's logit divisor and Gemma's final softcap; fp32."""
@@ -280,7 +280,7 @@ class Runtime:
             h = x if b.ln1 is None else self._rms(x, b.ln1)
             qkv = linear(h, b.wqkv, b.bqkv)
             if b.q_norm_all is not None:
-                qkv = self._qk_norm_all(qkv, b, self._rms)
+                qkv = self._qk_norm_all(qkv, b)
             qkv = qkv.view(B, T, -1, self.head_dim).transpose(1, 2)
             q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=1)
             if b.q_norm is not None:
@@ -296,10 +296,9 @@ class Runtime:
                 allowed = causal & (i[None, :] > i[:, None] - b.window)[None] | eye
             o = _prefill_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), allowed,
                                    self.scale, b.softcap)
-            x = x + self._post(linear(o.transpose(1, 2).reshape(B, T, -1), b.wo, b.bo), b.post_attn, self._rms)
+            x = x + self._post(linear(o.transpose(1, 2).reshape(B, T, -1), b.wo, b.bo), b.post_attn)
             h = x if b.ln2 is None else self._rms(x, b.ln2)
-            x = x + self._post(linear(self._swiglu(linear(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp,
-                               self._rms)
+            x = x + self._post(linear(self._swiglu(linear(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp)
         x = self._rms(x if all_logits else x[:, -1], self.norm)
         s.cache_pos.fill_(T)
         s.pos.copy_(pos[:, -1] + 1)
@@ -314,13 +313,13 @@ class Runtime:
             h, res = self._add_norm(x, res, b.ln1)
             qkv = linear(h, b.wqkv, b.bqkv)
             if b.q_norm_all is not None:
-                qkv = self._qk_norm_all(qkv, b, self._rms)
+                qkv = self._qk_norm_all(qkv, b)
             q = self._rope_cache(qkv, s.cos[b.rope], s.sin[b.rope], s.pos, s.k[li], s.v[li], s.cache_pos,
                                  self.n_q, self.n_kv, b.q_norm, b.k_norm, self.eps)
             o = self._attention(q, s.k[li], s.v[li], s.start, s.cache_pos, b.window, self.scale, b.softcap)
-            x = self._post(linear(o.reshape(s.batch, -1), b.wo, b.bo), b.post_attn, self._rms)
+            x = self._post(linear(o.reshape(s.batch, -1), b.wo, b.bo), b.post_attn)
             h, res = self._add_norm(x, res, b.ln2)
-            x = self._post(linear(self._swiglu(linear(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp, self._rms)
+            x = self._post(linear(self._swiglu(linear(h, b.wgu, b.bgu), self.gelu), b.wd, b.bd), b.post_mlp)
         return self._logits(self._add_rmsnorm(x, res, self.norm, self.eps)[0])
 
     def _decode(self, s):

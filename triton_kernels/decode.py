@@ -6,7 +6,8 @@ O GEMM, norm, gate/up GEMM, SwiGLU, down GEMM). Rounding follows Hugging Face's
 eager code (cast points included) so bf16 tokens match it except at near-ties. The other
 families ride on the same kernels: per-head q/k norms inside the RoPE kernel (Qwen3,
 Gemma3), an attention logit softcap (Gemma2), GeGLU in place of SwiGLU (Gemma) and a
-cos/sin table per layer (Gemma3's local and global RoPE).
+cos/sin table per layer (Gemma3's local and global RoPE). Their fp32 C++ twins for the
+CPU step are in csrc/cpu_decode.cpp, tested against the same references.
 
 Shapes: hidden rows are [M, N] contiguous; caches are [B, Hkv, S, D]; ``cache_pos``
 is a 1-element int tensor on the device holding the index being written this
