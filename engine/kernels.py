@@ -115,7 +115,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def decode_ops(device: torch.device, dtype: torch.dtype):
     """(add_rmsnorm, rope_cache_write, decode_attention, swiglu) for decode steps whose
     activations are `dtype` on `device`, with the signatures of triton_kernels.decode:
-    Triton on CUDA, the compiled ops for fp32 on the CPU, else the torch references."""
+    Triton on CUDA (there are no CUDA C++ decode kernels, so also under
+    DEPTHCUT_BACKEND=ext), the compiled ops for fp32 on the CPU, else the references."""
     backend = _backend(device)
     if backend == "ext" and device.type == "cpu" and dtype == torch.float32:
         ops = torch.ops.depthcut
@@ -127,6 +128,6 @@ def decode_ops(device: torch.device, dtype: torch.dtype):
         return ops.add_rmsnorm, ops.rope_cache_write, attention, lambda gu, gelu=False: ops.swiglu(gu, gelu)
     from triton_kernels import decode as K
 
-    if backend == "triton":
+    if device.type == "cuda" and backend != "reference":
         return K.add_rmsnorm, K.rope_cache_write, K.decode_attention, K.swiglu
     return K.add_rmsnorm_ref, K.rope_cache_write_ref, K.decode_attention_ref, K.swiglu_ref

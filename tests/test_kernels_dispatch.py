@@ -150,3 +150,25 @@ def test_package_works_without_the_extension(env):
     assert proc.returncode == 0, proc.stderr
     warned = "0" if env else "1"
     assert proc.stdout.split() == ["False", warned, "8", "8"]
+
+
+def test_decode_ops_choice(backend):
+    from triton_kernels import decode as K
+
+    cpu = torch.device("cpu")
+    ops = kernels.decode_ops(cpu, torch.float32)
+    if backend == "auto":  # the compiled twins, for fp32 only
+        assert ops[0] is torch.ops.depthcut.add_rmsnorm
+        assert kernels.decode_ops(cpu, torch.bfloat16)[0] is K.add_rmsnorm_ref
+    else:
+        assert ops == (K.add_rmsnorm_ref, K.rope_cache_write_ref, K.decode_attention_ref, K.swiglu_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["auto"] + (["ext"] if HAS_EXT else []))
+def test_decode_ops_cuda_are_triton(monkeypatch, mode):
+    from triton_kernels import decode as K
+
+    monkeypatch.setenv("DEPTHCUT_BACKEND", mode)
+    assert kernels.decode_ops(torch.device("cuda"), torch.bfloat16)[2] is K.decode_attention
