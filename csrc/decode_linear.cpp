@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -84,10 +86,15 @@ DC_TILE_INLINE V vload(const T* p) { return static_cast<float>(*p); }
 
 enum class Isa { kAvx512, kAvx2, kPortable };
 
+// The best build this CPU runs; DEPTHCUT_CPU_ISA=avx2|portable caps it (read once), so
+// the tests can check every build on one machine.
 Isa detect_isa() {
+  const char* cap = std::getenv("DEPTHCUT_CPU_ISA");
+  const std::string limit = cap ? cap : "";
+  if (limit == "portable") return Isa::kPortable;
 #ifdef DC_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+  if (limit != "avx2" && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return Isa::kAvx2;
 #endif

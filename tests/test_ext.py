@@ -184,3 +184,38 @@ def test_swiglu_op(gelu, shape):
 def test_decode_ops_reject_non_fp32():
     with pytest.raises(RuntimeError, match="fp32"):
         torch.ops.depthcut.swiglu(torch.ones(2, 4, dtype=torch.bfloat16), False)
+
+
+ISA_SCRIPT = """
+import hashlib, sys, torch, engine._C
+import torch.nn.functional as F
+digest = hashlib.sha256()
+for m, n, k in [(1, 97, 45), (3, 130, 576), (5, 64, 100)]:
+    for wdtype in (torch.float32, torch.float16, torch.bfloat16):
+        g = torch.Generator().manual_seed(m + n + k)
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).to(wdtype)
+        got = torch.ops.depthcut.decode_linear(x, w, None)
+        ref = F.linear(x.double(), w.double())
+        torch.testing.assert_close(got.double(), ref, atol=1e-5 * k ** 0.5, rtol=1e-5)
+        digest.update(got.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_decode_linear_every_build():
+    """The AVX2 and portable builds of the GEMV, which this machine would not pick: each is
+    checked against the definition in a process with DEPTHCUT_CPU_ISA capping the build,
+    and each sums in its own order, so their bits differ from the default build's."""
+    import os
+    import subprocess
+    import sys
+
+    digests = []
+    for isa in ("", "avx2", "portable"):
+        proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "DEPTHCUT_CPU_ISA": isa})
+        assert proc.returncode == 0, (isa, proc.stderr[-2000:])
+        digests.append(proc.stdout.strip())
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    builds = 1 + ("avx2" in flags) + ("avx512f" in flags)  # the default is the best one available
+    assert len(set(digests)) == builds, digests
