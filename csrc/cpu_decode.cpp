@@ -84,12 +84,14 @@ at::Tensor rope_cache_write_cpu(const at::Tensor& qkv_in, const at::Tensor& cos,
   const int64_t p = cache_pos.reshape(-1)[0].item<int64_t>();
   TORCH_CHECK(p >= 0 && p < S, op, ": cache position ", p, " outside the cache of ", S);
   const bool has_norm = q_norm.has_value() && q_norm->defined();
+  TORCH_CHECK(has_norm == (k_norm.has_value() && k_norm->defined()), op, ": pass both q_norm and k_norm, or neither");
   at::Tensor qn, kn;
   if (has_norm) {
     qn = q_norm->contiguous();
     kn = k_norm->contiguous();
     check_fp32_cpu(qn, op, "q_norm");
     check_fp32_cpu(kn, op, "k_norm");
+    TORCH_CHECK(qn.numel() == D && kn.numel() == D, op, ": q_norm and k_norm must have head_dim elements");
   }
   const at::Tensor qkv = qkv_in.contiguous(), cs = cos.contiguous(), sn = sin.contiguous();
   const at::Tensor pos64 = pos.to(at::kLong).contiguous();

@@ -131,8 +131,10 @@ at::Tensor decode_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
   TORCH_CHECK(x_in.size(-1) == K, "decode_linear: x has ", x_in.size(-1), " features, weight ", K);
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
-  const c10::optional<at::Tensor> bias32 =
-      bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || bias->numel() == N, "decode_linear: bias has ", has_bias ? bias->numel() : 0,
+              " elements for ", N, " outputs");
+  const c10::optional<at::Tensor> bias32 = has_bias ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
   if (M > kMaxRows) return at::linear(x_in, weight_in.to(at::kFloat), bias32);
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor out = at::empty({M, N}, x.options());

@@ -112,6 +112,8 @@ def test_decode_linear_rejects_bad_input():
         torch.ops.depthcut.decode_linear(torch.ones(1, 4, dtype=torch.float16), torch.ones(2, 4), None)
     with pytest.raises(RuntimeError, match="features"):
         torch.ops.depthcut.decode_linear(torch.ones(1, 5), torch.ones(2, 4), None)
+    with pytest.raises(RuntimeError, match="bias has 1 elements for 2 outputs"):
+        torch.ops.depthcut.decode_linear(torch.ones(1, 4), torch.ones(2, 4), torch.ones(1))
 
 
 # ---------------------------------------------------------------- decode-step ops vs triton_kernels/decode.py references
@@ -181,9 +183,15 @@ def test_swiglu_op(gelu, shape):
     torch.testing.assert_close(torch.ops.depthcut.swiglu(gu, gelu), swiglu_ref(gu, gelu), atol=1e-6, rtol=1e-5)
 
 
-def test_decode_ops_reject_non_fp32():
+def test_decode_ops_reject_bad_input():
     with pytest.raises(RuntimeError, match="fp32"):
         torch.ops.depthcut.swiglu(torch.ones(2, 4, dtype=torch.bfloat16), False)
+    _, qkv, cos, sin, kc, vc = _decode_inputs(1, 2, 1, 8, 5, seed=0)
+    args = (qkv, cos, sin, torch.zeros(1, dtype=torch.long), kc, vc, torch.tensor([1]), 2, 1)
+    with pytest.raises(RuntimeError, match="both q_norm and k_norm"):
+        torch.ops.depthcut.rope_cache_write(*args, torch.ones(8), None, 1e-6)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.depthcut.rope_cache_write(*args[:6], torch.tensor([5]), 2, 1, None, None, 1e-6)
 
 
 ISA_SCRIPT = """
