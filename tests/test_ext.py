@@ -76,7 +76,8 @@ def test_taylor_saliency_matches_explicit_dw(dtype, m, n, k):
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 7, 16), (1, 97, 45), (2, 33, 576), (3, 130, 31), (5, 64, 100),
-                                   (7, 9, 1), (16, 50, 72), (17, 40, 24)])  # 17 rows: the GEMM path
+                                   (7, 9, 1), (9, 13, 37), (16, 50, 72),  # from 8 rows: 4 x 4 tiles
+                                   (17, 40, 24)])  # 17 rows: the GEMM path
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_linear_is_fp32_arithmetic_on_the_weights(wdtype, m, n, k, bias):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
@@ -198,7 +199,7 @@ ISA_SCRIPT = """
 import hashlib, sys, torch, engine._C
 import torch.nn.functional as F
 digest = hashlib.sha256()
-for m, n, k in [(1, 97, 45), (3, 130, 576), (5, 64, 100)]:
+for m, n, k in [(1, 97, 45), (3, 130, 576), (5, 64, 100), (11, 30, 83)]:
     for wdtype in (torch.float32, torch.float16, torch.bfloat16):
         g = torch.Generator().manual_seed(m + n + k)
         x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).to(wdtype)
