@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from .errors import DepthcutError  # noqa: E402
 
 # One dtype vocabulary for every flag; "auto" is the device default when loading, the
-# model's own dtype for the fused pass, and runtime.default_dtype for the runtime.
+# model's own dtype for the fused pass, and runtime.default_weight_dtype for the runtime.
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -325,9 +325,9 @@ def cmd_generate(args):
     ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.backend == "runtime":
-        from .runtime import Runtime, default_dtype
+        from .runtime import Runtime, default_weight_dtype
 
-        weights = _dtype(args.runtime_dtype) or default_dtype(model)
+        weights = _dtype(args.runtime_dtype) or default_weight_dtype(model)
         try:
             runtime = Runtime.from_hf(model, dtype=weights)
         except ValueError as e:
@@ -357,7 +357,7 @@ def cmd_generate(args):
 
 
 def cmd_bench(args):
-    from .runtime import default_dtype
+    from .runtime import default_weight_dtype
     from .speed import random_model, speed_protocol, tail_blocks
 
     model = random_model(args.shape) if args.shape else _load(args)[0]
@@ -369,7 +369,7 @@ def cmd_bench(args):
     n = model.config.num_hidden_layers
     result = speed_protocol(model, tail_blocks(n, args.keep or round(0.8 * n)), batch_sizes=args.batch_sizes,
                             new_tokens=args.new_tokens, warmup=args.warmup, runs=args.runs,
-                            dtypes=list(dict.fromkeys(_dtype(x) or default_dtype(model) for x in names)),
+                            dtypes=list(dict.fromkeys(_dtype(x) or default_weight_dtype(model) for x in names)),
                             hf=not args.no_hf, out_dir=args.out)
     print(f"\n{result['machine']}: ratios measured in this run")
     for r in result["ratios"]:

@@ -18,7 +18,7 @@ from .calibration import Calibration
 from .evaluate import perplexity
 from .models import load_model
 from .pruner import prune_blocks, save_model
-from .runtime import Runtime, default_dtype
+from .runtime import Runtime, default_weight_dtype
 from .scores import Protect
 from .scoring import score
 from .speed import machine
@@ -33,7 +33,7 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> 
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt").input_ids
-    runtime = Runtime.from_hf(model, dtype=default_dtype(model))
+    runtime = Runtime.from_hf(model, dtype=default_weight_dtype(model))
     tokens, stats = runtime.generate(ids, max_new_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id],
                                      pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(tokens[0], skip_special_tokens=True), stats["decode_tok_s"]

@@ -36,7 +36,7 @@ _ROPE_FROM_MODEL = ("linear", "llama3", "yarn")  # static inv_freq: reuse HF's c
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def default_dtype(model, device=None) -> torch.dtype:
+def default_weight_dtype(model, device=None) -> torch.dtype:
     """Weight dtype for a runtime when the user names none. On the CPU with the compiled
     ops: fp16, when every weight fits it. A CPU step streams all weights per token, fp16
     halves the bytes of fp32, and the arithmetic stays fp32 (11-bit weights: SmolLM2's

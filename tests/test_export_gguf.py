@@ -416,23 +416,18 @@ def test_granite_multipliers(tokenizer, tmp_path):
             fields["granite.logit_scale"]) == pytest.approx((3.0, 0.5, 0.2, 0.5))
 
 
-def test_family_refusals(tokenizer, tmp_path):
+@pytest.mark.parametrize("family,overrides,name,match", [
     # llama.cpp ignores attention.scale for gemma2/3 and uses head_dim (or the 27B rule by block count).
-    model = _tiny("gemma2", tokenizer, query_pre_attn_scalar=40)
-    with pytest.raises(GGUFExportError, match="query_pre_attn_scalar = 40 but llama.cpp would use 16"):
-        export_gguf(model, tokenizer, tmp_path / "m.gguf")
-    model = _tiny("gemma2", tokenizer, final_logit_softcapping=None)
-    with pytest.raises(GGUFExportError, match="always soft-caps"):
-        export_gguf(model, tokenizer, tmp_path / "m.gguf")
-    model = _tiny("gemma3_text", tokenizer, final_logit_softcapping=30.0)
-    with pytest.raises(GGUFExportError, match="does not soft-cap"):
-        export_gguf(model, tokenizer, tmp_path / "m.gguf")
-    model = _tiny("gemma2", tokenizer, tie_word_embeddings=False)
-    with pytest.raises(GGUFExportError, match="gemma2 has no tensor 'output'"):
-        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    ("gemma2", dict(query_pre_attn_scalar=40), "m.gguf", "query_pre_attn_scalar = 40 but llama.cpp would use 16"),
+    ("gemma2", dict(final_logit_softcapping=None), "m.gguf", "always soft-caps"),
+    ("gemma3_text", dict(final_logit_softcapping=30.0), "m.gguf", "does not soft-cap"),
+    ("gemma2", dict(tie_word_embeddings=False), "m.gguf", "gemma2 has no tensor 'output'"),
     # llama.cpp treats a "phi3" name as Phi-3 and looks up </s>, <unk>, <s> in the vocabulary.
-    with pytest.raises(GGUFExportError, match="pass another name"):
-        export_gguf(_tiny("phi3", tokenizer), tokenizer, tmp_path / "phi3-pruned.gguf")
+    ("phi3", {}, "phi3-pruned.gguf", "pass another name"),
+])
+def test_family_refusals(tokenizer, tmp_path, family, overrides, name, match):
+    with pytest.raises(GGUFExportError, match=match):
+        export_gguf(_tiny(family, tokenizer, **overrides), tokenizer, tmp_path / name)
     assert list(tmp_path.iterdir()) == []
 
 

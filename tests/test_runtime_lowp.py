@@ -66,15 +66,15 @@ def test_smollm2_narrow_weights_follow_hf_up_to_near_ties(smollm2, dtype):
         first_divergence_is_a_near_tie(model, ids, tokens, 64)
 
 
-def test_default_dtype_is_fp16_on_the_cpu_when_the_weights_fit(monkeypatch):
+def test_default_weight_dtype_is_fp16_on_the_cpu_when_the_weights_fit(monkeypatch):
     import engine.runtime as runtime
 
     model = tiny_model("llama")
-    assert runtime.default_dtype(model) == (torch.float16 if runtime.HAS_EXT else torch.float32)
+    assert runtime.default_weight_dtype(model) == (torch.float16 if runtime.HAS_EXT else torch.float32)
     monkeypatch.setattr(runtime, "HAS_EXT", True)
-    assert runtime.default_dtype(model) == torch.float16
+    assert runtime.default_weight_dtype(model) == torch.float16
     with torch.no_grad():
         model.model.layers[3].mlp.down_proj.weight[0, 0] = 7e4  # beyond fp16's 65504
-    assert runtime.default_dtype(model) == torch.float32
+    assert runtime.default_weight_dtype(model) == torch.float32
     monkeypatch.setattr(runtime, "HAS_EXT", False)  # narrow weights would be upcast every step
-    assert runtime.default_dtype(tiny_model("llama")) == torch.float32
+    assert runtime.default_weight_dtype(tiny_model("llama")) == torch.float32
