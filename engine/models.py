@@ -135,7 +135,6 @@ def _resolve(spec: str | os.PathLike | None) -> tuple[str, str | None]:
     if text.endswith(".gguf"):
         if not path.is_file():
             raise DepthcutError(f"model file not found: {text}")
-        check_gguf(path)
         return str(path.parent.resolve()), path.name
     if path.exists():
         if not (path / "config.json").is_file():
@@ -146,15 +145,16 @@ def _resolve(spec: str | os.PathLike | None) -> tuple[str, str | None]:
     return text, None  # a hub name; resolved from the local cache when offline
 
 
-def check_gguf(path: Path) -> None:
-    """Parse the header and tensor table with the gguf package: a corrupt file fails here."""
+def check_gguf(path: Path):
+    """Parse the header and tensor table with the gguf package: a corrupt file fails here.
+    Returns the reader (parsing costs seconds for a large vocabulary: do it once)."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise DepthcutError(f"not a GGUF file (bad magic): {path}")
     import gguf
 
     try:
-        gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises struct, value and index errors alike
         raise DepthcutError(f"corrupt GGUF file {path}: {_first_line(e)}") from None
 
@@ -163,13 +163,11 @@ _GGUF_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_
                  "pad_token": "padding_token_id"}
 
 
-def set_gguf_special_tokens(tokenizer, path: Path) -> None:
+def set_gguf_special_tokens(tokenizer, reader) -> None:
     """Take BOS/EOS/UNK/PAD from the file's ``tokenizer.ggml.*_token_id``: some
     transformers releases misread them (5.17 gave SmolLM2 the EOS <|im_start|>, so
     generation never stopped at <|im_end|>; 5.24 reads them right)."""
-    import gguf
-
-    fields = gguf.GGUFReader(path).fields
+    fields = reader.fields
     for attr, key in _GGUF_SPECIAL.items():
         field = fields.get(f"tokenizer.ggml.{key}")
         if field is not None and 0 <= int(field.contents()) < len(tokenizer):
@@ -194,6 +192,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where, gguf_file = _resolve(spec)
+    reader = check_gguf(Path(where) / gguf_file) if gguf_file else None
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -202,8 +201,8 @@ def load_model(
         check_family(config)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        if gguf_file:
-            set_gguf_special_tokens(tokenizer, Path(where) / gguf_file)
+        if reader is not None:
+            set_gguf_special_tokens(tokenizer, reader)
     except DepthcutError:
         raise
     except Exception as e:  # transformers raises many types for unreadable models
