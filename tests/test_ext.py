@@ -120,8 +120,6 @@ def test_decode_linear_rejects_bad_input():
 # ---------------------------------------------------------------- decode-step ops vs triton_kernels/decode.py references
 
 def _decode_inputs(B, nq, nkv, D, S, seed):
-    from triton_kernels import decode as K  # noqa: F401  (references live there)
-
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, (nq + 2 * nkv) * D, generator=g)
     table = torch.randn(S, D, generator=g)
