@@ -1,7 +1,8 @@
-"""The ``depthcut`` command line: score, prune, eval, generate, export, bench."""
+"""The ``depthcut`` command line: score, prune, retrain, eval, generate, export, bench."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -97,7 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--out", required=True, help="output folder")
     _add_gguf(p, required=False)
+    from .retrain import METHODS
+
+    p.add_argument("--retrain", choices=METHODS, help="retrain the cut model before saving (lora or full)")
+    _add_training(p, prefix="retrain-")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("retrain", help="heal a cut model: LoRA or full retraining, optionally distilled")
+    _add_model(p)
+    p.add_argument("--method", choices=METHODS, default="lora", help="lora (merged at the end) or full (CPT)")
+    _add_training(p, prefix="")
+    p.add_argument("--out", required=True, help="output folder (a plain transformers model)")
+    _add_gguf(p, required=False)
+    p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("export", help="write a model (e.g. a pruned folder) as a GGUF file for llama.cpp")
     _add_model(p)
@@ -147,6 +160,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", type=int, default=6)
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _add_training(p, prefix: str):
+    """Retraining flags; `prune` takes them with a "retrain-" prefix (its --seq-len and --seed
+    are the calibration's)."""
+    from .retrain import LOSSES
+    g = p.add_argument_group("retraining")
+    f = f"--{prefix}"
+    g.add_argument(f"{f}data", action="append", default=[], metavar="FILE",
+                   help="text, jsonl (text or chat messages) or parquet file, repeatable "
+                        "(default: CPython's pydoc text, minus calibration and evaluation windows)")
+    g.add_argument(f"{f}dataset", metavar="NAME[:CONFIG]", help="a Hugging Face dataset (train split, streamed)")
+    g.add_argument(f"{f}seq-len", type=int, default=128, help="tokens per packed training window")
+    g.add_argument(f"{f}batch-size", type=int, default=8, help="windows per process per forward")
+    g.add_argument(f"{f}grad-accum", type=int, default=1, help="forwards per optimiser step")
+    g.add_argument(f"{f}global-batch", type=int,
+                   help="windows per optimiser step; sets --grad-accum from the batch size and process count")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument(f"{f}tokens", type=int, help="train on this many tokens")
+    how.add_argument(f"{f}steps", type=int, help="train for this many optimiser steps")
+    g.add_argument(f"{f}lr", type=float, help="peak learning rate (default 1e-4, as the paper)")
+    g.add_argument(f"{f}warmup", type=int, help="warm-up steps (default 5%% of the run, at most 100)")
+    g.add_argument(f"{f}weight-decay", type=float, help="AdamW weight decay (default: lora 0, full 0.1)")
+    g.add_argument(f"{f}max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument(f"{f}lora-rank", type=int, default=8)
+    g.add_argument(f"{f}lora-alpha", type=float, default=16.0)
+    g.add_argument(f"{f}lora-dropout", type=float, default=0.05)
+    g.add_argument(f"{f}seed", type=int, default=1234, help="data order and adapter initialisation")
+    g.add_argument(f"{f}eval-every", type=int, default=0, help="evaluate perplexity every N steps (0: at the end)")
+    g.add_argument(f"{f}eval-windows", type=int, default=40, help="windows kept apart for evaluation")
+    g.add_argument(f"{f}save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    g.add_argument(f"{f}resume", action="store_true", help="continue from the last checkpoint")
+    g.add_argument(f"{f}save-adapter", action="store_true", help="also keep the LoRA adapter folder")
+    g.add_argument(f"{f}gradient-checkpointing", action="store_true", help="recompute block activations")
+    g.add_argument(f"{f}loss", choices=LOSSES, default="fused",
+                   help="fused: depthcut's kernels, no logits; hf: the model's own logits (to compare)")
+    g.add_argument(f"{f}distill-weight", type=float, default=0.0,
+                   help="a in a*KL(teacher||student) + (1-a)*NLL; the teacher is the dense model")
+    if not prefix:
+        g.add_argument("--teacher", help="dense model to distil from (folder, hub name or .gguf)")
+
+
+def _training_args(args, prefix: str) -> dict:
+    """The retraining flags of `args` without their prefix."""
+    key = prefix.replace("-", "_")
+    return {name[len(key):]: value for name, value in vars(args).items() if name.startswith(key)} if key else vars(args)
 
 
 def _add_gguf(p, required: bool):
@@ -274,6 +333,8 @@ def cmd_prune(args):
         calibration = calibration or _calibration(args, tokenizer)
         heldout = calibration.heldout_ids[: args.eval_windows]
         dense_ppl = perplexity(model, heldout, progress="dense perplexity")
+    t = _training_args(args, "retrain-")
+    teacher = copy.deepcopy(model) if args.retrain and t["distill_weight"] > 0 else None
     prune_blocks(model, blocks)
     card = {"name": f"{Path(args.out).name}", "source": args.model or "SmolLM2-135M-Instruct (bundled)",
             "num_blocks": n, "removed": blocks, "criterion": criterion,
@@ -285,11 +346,105 @@ def cmd_prune(args):
         card["perplexity"] = {"dense": dense_ppl, "pruned": pruned_ppl,
                               "text": f"{len(heldout)} held-apart windows of {calibration.source}"}
         rows.append(["perplexity", f"{dense_ppl:.2f}", f"{pruned_ppl:.2f}"])
-    save_model(model, tokenizer, args.out, card)
+    extra = None
+    if args.retrain:
+        from .retrain import write_outputs
+
+        result = _retrain(args, t, model, tokenizer, args.retrain, teacher, calibration)
+        model = result.model
+        card["retraining"] = result.summary
+        rows += [[f"{row[0]} (retraining windows)", row[1], row[2]] for row in _report_retraining(result)]
+        extra = lambda d: write_outputs(result, d)  # noqa: E731
+    save_model(model, tokenizer, args.out, card, extra=extra)
     print(_table(rows, ["", "dense", "pruned"]))
     print(f"removed blocks {blocks} by {criterion}; saved to {args.out}")
     if args.gguf:
         _export(args, model, tokenizer)
+
+
+def _retrain(args, t: dict, model, tokenizer, method: str, teacher=None, calibration=None):
+    """Build the data and recipe from the flags in `t`, retrain, and return the RetrainResult."""
+    from .retrain import RetrainConfig, make_accelerator, retrain
+    from .train_data import TrainingSet, read_documents, stream_dataset
+
+    accelerator = make_accelerator()
+    if t["tokens"] is None and t["steps"] is None:
+        raise DepthcutError("say how long to retrain: --tokens N or --steps N (with the prefix under prune)")
+    if t["eval_windows"] < 0:
+        raise DepthcutError(f"--eval-windows must be >= 0, got {t['eval_windows']}")
+    grad_accum = t["grad_accum"]
+    if t["global_batch"] is not None:
+        per_step = t["batch_size"] * accelerator.num_processes
+        if t["global_batch"] < 1 or t["global_batch"] % per_step:
+            raise DepthcutError(f"--global-batch {t['global_batch']} is not a multiple of batch size x processes "
+                                f"({per_step})")
+        grad_accum = t["global_batch"] // per_step
+    cfg = RetrainConfig(method=method, steps=t["steps"], tokens=t["tokens"], batch_size=t["batch_size"],
+                        grad_accum=grad_accum, lr=t["lr"], warmup=t["warmup"], weight_decay=t["weight_decay"],
+                        max_grad_norm=t["max_grad_norm"], lora_rank=t["lora_rank"], lora_alpha=t["lora_alpha"],
+                        lora_dropout=t["lora_dropout"], distill_weight=t["distill_weight"],
+                        eval_every=t["eval_every"], save_every=t["save_every"], seed=t["seed"],
+                        gradient_checkpointing=t["gradient_checkpointing"], loss=t["loss"])
+    if cfg.distill_weight > 0 and teacher is None:
+        raise DepthcutError("--distill-weight needs a teacher: --teacher DENSE_MODEL")
+    seq_len = t["seq_len"]
+    global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    needed = cfg.total_steps(global_batch, seq_len) * global_batch
+    if t["data"] and t["dataset"]:
+        raise DepthcutError("give training data as files (--data) or a dataset (--dataset), not both")
+    if t["data"]:
+        docs = [d for path in t["data"] for d in read_documents(path)]
+        data = TrainingSet.from_documents(docs, tokenizer, seq_len, ", ".join(t["data"]), t["eval_windows"], t["seed"])
+    elif t["dataset"]:
+        data = TrainingSet.from_documents(stream_dataset(t["dataset"]), tokenizer, seq_len, t["dataset"],
+                                          t["eval_windows"], t["seed"], max_windows=needed)
+    else:
+        calib = calibration.describe() if calibration is not None else {"n_samples": 10, "seed": 1234}
+        data = TrainingSet.from_default_text(tokenizer, seq_len, t["eval_windows"], seed=calib["seed"],
+                                             calib_samples=calib["n_samples"])
+    out = Path(args.out)
+    return retrain(model, data, cfg, out.with_name(out.name + ".train"), teacher=teacher, resume=t["resume"],
+                   accelerator=accelerator, keep_adapter=t["save_adapter"])
+
+
+def _report_retraining(result) -> list[list]:
+    s = result.summary
+    print(f"retrained {s['steps']} steps ({s['tokens']:,} tokens) in {s['train_seconds']} s, "
+          f"{s['tokens_per_second']} tokens/s; final loss {s['final_loss']:.4f}", file=sys.stderr)
+    return [["perplexity", f"{s['perplexity_before']:.2f}", f"{s['perplexity_after']:.2f}"]]
+
+
+def cmd_retrain(args):
+    from .models import load_model
+    from .pruner import save_model
+    from .retrain import write_outputs
+
+    model, tokenizer = _load(args)
+    teacher = None
+    if args.teacher:
+        teacher, t_tok = load_model(args.teacher, dtype=next(model.parameters()).dtype,
+                                    device=next(model.parameters()).device)
+        if t_tok.get_vocab() != tokenizer.get_vocab():
+            raise DepthcutError(f"the teacher's tokenizer differs from the student's: {args.teacher}")
+    result = _retrain(args, _training_args(args, ""), model, tokenizer, args.method, teacher)
+    card = _source_card(args.model)
+    card.update(name=Path(args.out).name, retraining=result.summary)
+    save_model(result.model, tokenizer, args.out, card, extra=lambda d: write_outputs(result, d))
+    print(_table(_report_retraining(result), ["", "before", "after"]))
+    print(f"saved to {args.out} (train_log.jsonl, loss.png, model card)")
+    if args.gguf:
+        _export(args, result.model, tokenizer)
+
+
+def _source_card(model_spec) -> dict:
+    """The depthcut card of the model being retrained (what was cut), when it has one."""
+    path = Path(model_spec) / "depthcut.json" if model_spec else None
+    if path is not None and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    return {"source": str(model_spec or "SmolLM2-135M-Instruct (bundled)")}
 
 
 def cmd_export(args):

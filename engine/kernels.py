@@ -45,15 +45,36 @@ def _nll_forward(hidden, weight, targets, softcap):
     return K.linear_nll_reference(hidden, weight, targets, softcap=softcap)
 
 
-def _nll_backward(hidden, weight, targets, lse, grad_nll, softcap):
+def _has_ext_op(name: str, device: torch.device) -> bool:
+    """Whether engine._C has a kernel of op `name` for `device` (CUDA builds lack the training ops)."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"depthcut::{name}", key)
+
+
+def _nll_backward(hidden, weight, targets, lse, grad_nll, softcap, need_weight_grad):
+    """(grad_hidden, grad_weight fp32 or None) of sum(grad_nll * nll)."""
     backend = _backend(hidden.device)
-    if backend == "ext":
-        return torch.ops.depthcut.linear_nll_backward(hidden, weight, targets, lse, grad_nll, float(softcap or 0.0), 0)
+    cap = float(softcap or 0.0)
+    if backend == "ext" and need_weight_grad and _has_ext_op("linear_nll_backward_full", hidden.device):
+        return torch.ops.depthcut.linear_nll_backward_full(hidden, weight, targets, lse, grad_nll, cap, 0)
+    if backend == "ext" and not need_weight_grad:
+        return torch.ops.depthcut.linear_nll_backward(hidden, weight, targets, lse, grad_nll, cap, 0), None
     from triton_kernels import linear_nll as K
 
-    if backend == "triton":
-        return K.linear_nll_backward(hidden, weight, targets, lse, grad_nll, softcap=softcap)
-    return K.linear_nll_backward_reference(hidden, weight, targets, lse, grad_nll, softcap=softcap)
+    if backend == "reference" or hidden.device.type != "cuda":
+        grad_w = (K.linear_nll_backward_weight_reference(hidden, weight, targets, lse, grad_nll, softcap=softcap)
+                  if need_weight_grad else None)
+        return K.linear_nll_backward_reference(hidden, weight, targets, lse, grad_nll, softcap=softcap), grad_w
+    grad_w = (K.linear_nll_backward_weight(hidden, weight, targets, lse, grad_nll, softcap=softcap)
+              if need_weight_grad else None)
+    return K.linear_nll_backward(hidden, weight, targets, lse, grad_nll, softcap=softcap), grad_w
+
+
+def _check_targets(targets: torch.Tensor, vocab: int) -> None:
+    """Every backend refuses out-of-range targets alike (a silent 0 would hide a tokenizer mismatch)."""
+    bad = (targets != -100) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"{int(bad.sum())} target id(s) outside the vocabulary [0, {vocab}) and not -100")
 
 
 class _LinearNLL(torch.autograd.Function):
@@ -67,22 +88,88 @@ class _LinearNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_nll):
         hidden, weight, targets, lse = ctx.saved_tensors
-        grad_hidden = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = _nll_backward(hidden, weight, targets, lse, grad_nll.float().contiguous(), ctx.softcap)
-        return grad_hidden, None, None, None
+        if not any(ctx.needs_input_grad[:2]):
+            return None, None, None, None
+        grad_hidden, grad_weight = _nll_backward(hidden, weight, targets, lse, grad_nll.float().contiguous(),
+                                                 ctx.softcap, ctx.needs_input_grad[1])
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden if ctx.needs_input_grad[0] else None, grad_weight, None, None
 
 
 def linear_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                softcap: float | None = None) -> torch.Tensor:
     """Per-token NLL [M] fp32 of logits = hidden @ weight.T (softcapped if given).
 
-    The [M, V] logits are never materialised. Differentiable in `hidden` only;
-    targets equal to -100 give 0 and no gradient.
+    The [M, V] logits are never materialised, in the backward either. Differentiable in
+    `hidden` and `weight` (the head weight gradient is computed only when asked for: full
+    training, where tied embeddings receive it); targets equal to -100 give 0 and no gradient.
     """
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("linear_nll gives no weight gradient: pass weight.detach()")
+    _check_targets(targets, weight.shape[0])
     return _LinearNLL.apply(hidden, weight, targets, softcap)
+
+
+def _kl_forward(hs, ws, ht, wt, targets, softcap_s, softcap_t):
+    backend = _backend(hs.device)
+    if backend == "ext" and _has_ext_op("linear_kl_forward", hs.device):
+        return torch.ops.depthcut.linear_kl_forward(hs, ws, ht, wt, targets, float(softcap_s or 0.0),
+                                                   float(softcap_t or 0.0), 0)
+    from triton_kernels import linear_kl as K
+
+    if backend != "reference" and hs.device.type == "cuda":
+        return K.linear_kl_forward(hs, ws, ht, wt, targets, softcap_s, softcap_t)
+    return K.linear_kl_reference(hs, ws, ht, wt, targets, softcap_s, softcap_t)
+
+
+def _kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, softcap_s, softcap_t, need_weight_grad):
+    backend = _backend(hs.device)
+    if backend == "ext" and _has_ext_op("linear_kl_backward", hs.device):
+        grad_h, grad_w = torch.ops.depthcut.linear_kl_backward(
+            hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, float(softcap_s or 0.0), float(softcap_t or 0.0),
+            need_weight_grad, 0)
+        return grad_h, grad_w if need_weight_grad else None
+    from triton_kernels import linear_kl as K
+
+    fn = (K.linear_kl_backward if backend != "reference" and hs.device.type == "cuda"
+          else K.linear_kl_backward_reference)
+    return fn(hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, softcap_s, softcap_t, need_weight_grad=need_weight_grad)
+
+
+class _LinearKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, ht, wt, targets, softcap_s, softcap_t):
+        kl, lse_s, lse_t = _kl_forward(hs, ws, ht, wt, targets, softcap_s, softcap_t)
+        ctx.save_for_backward(hs, ws, ht, wt, targets, lse_s, lse_t)
+        ctx.softcaps = softcap_s, softcap_t
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hs, ws, ht, wt, targets, lse_s, lse_t = ctx.saved_tensors
+        if not any(ctx.needs_input_grad[:2]):
+            return (None,) * 7
+        grad_h, grad_w = _kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl.float().contiguous(),
+                                      *ctx.softcaps, ctx.needs_input_grad[1])
+        if grad_w is not None:
+            grad_w = grad_w.to(ws.dtype)
+        return grad_h if ctx.needs_input_grad[0] else None, grad_w, None, None, None, None, None
+
+
+def linear_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+              teacher_weight: torch.Tensor, targets: torch.Tensor, student_softcap: float | None = None,
+              teacher_softcap: float | None = None) -> torch.Tensor:
+    """Per-token KL(teacher || student) [M] fp32 between the softmaxes of two heads' logits.
+
+    Neither model's [M, V] logits are ever held: the vocabulary is streamed in tiles.
+    Differentiable in the student's hidden states and head weight; the teacher is a
+    constant. Rows whose target is -100 give 0 and no gradient (targets is only a mask).
+    """
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student and teacher vocabularies differ: {student_weight.shape[0]} vs "
+                         f"{teacher_weight.shape[0]}")
+    _check_targets(targets, student_weight.shape[0])
+    return _LinearKL.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
+                           targets, student_softcap, teacher_softcap)
 
 
 def taylor_saliency(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,8 @@ def default_model_path() -> Path:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The GPU of this process (its LOCAL_RANK under torchrun), else the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

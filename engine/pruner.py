@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from torch import nn
@@ -63,8 +63,12 @@ def _is_token_list(key: str) -> bool:
     return key == "architectures" or key.endswith(("token_id", "token_ids", "_ids"))
 
 
-def save_model(model, tokenizer, out_dir: str | Path, card: dict | None = None) -> Path:
-    """``save_pretrained`` plus tokenizer (and a model card), written aside then renamed in."""
+def save_model(model, tokenizer, out_dir: str | Path, card: dict | None = None,
+               extra: Callable[[Path], None] | None = None) -> Path:
+    """``save_pretrained`` plus tokenizer (and a model card), written aside then renamed in.
+
+    ``extra(folder)`` adds files (a training log, a plot) inside the same atomic write.
+    """
     drop_quantization_config(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -76,11 +80,18 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict | None = None) 
         if card is not None:
             (tmp / "depthcut.json").write_text(json.dumps(card, indent=2))
             (tmp / "README.md").write_text(model_card(card))
+        if extra is not None:
+            extra(tmp)
     return out_dir
 
 
 def model_card(card: dict) -> str:
     """A short README saying what was removed, by which criterion, on what data, at what cost."""
+    if "removed" not in card:  # retrained, not cut by depthcut
+        return "\n".join([f"# {card.get('name', 'retrained model')}", "",
+                          f"Retrained with depthcut from `{card.get('source', '?')}`."]
+                         + _retraining_lines(card.get("retraining"))
+                         + ["", "Loads with stock `transformers`: `AutoModelForCausalLM.from_pretrained(folder)`.", ""])
     lines = [
         f"# {card.get('name', 'depth-pruned model')}",
         "",
@@ -100,5 +111,30 @@ def model_card(card: dict) -> str:
     if ppl:
         lines.append(f"- perplexity ({ppl.get('text', 'held-apart text')}): dense {ppl['dense']:.2f}, "
                      f"pruned {ppl['pruned']:.2f}")
+    lines += _retraining_lines(card.get("retraining"))
     lines += ["", "Loads with stock `transformers`: `AutoModelForCausalLM.from_pretrained(folder)`.", ""]
     return "\n".join(lines)
+
+
+def _retraining_lines(r: dict | None) -> list[str]:
+    """The retraining recipe and its result, for the model card."""
+    if not r:
+        return []
+    recipe, data = r["recipe"], r["data"]
+    lines = ["", "## Retraining", "",
+             f"- method: {recipe['method']}" + (f" (rank {recipe['lora_rank']}, alpha {recipe['lora_alpha']:g}, "
+                                                 f"dropout {recipe['lora_dropout']:g}, merged into the weights)"
+                                                 if recipe["method"] == "lora" else " (all parameters)"),
+             f"- data: {data.get('source')}; {data['train_windows']} training windows of {data['seq_len']} tokens; "
+             f"evaluation windows: {data.get('rule')}",
+             f"- {r['steps']} steps x {r['global_batch']} windows = {r['tokens']:,} tokens; lr {recipe['lr']:g}, "
+             f"cosine, warm-up {recipe['warmup'] if recipe['warmup'] is not None else 'default'}, "
+             f"weight decay {recipe['weight_decay']:g}, seed {recipe['seed']}"]
+    if recipe.get("distill_weight"):
+        lines.append(f"- distilled from the {recipe['teacher_blocks']}-block teacher, "
+                     f"weight {recipe['distill_weight']:g} on KL(teacher || student)")
+    if r.get("final_loss") is not None:
+        lines.append(f"- final training loss {r['final_loss']:.4f}")
+    lines.append(f"- perplexity on the evaluation windows: {r['perplexity_before']:.2f} before, "
+                 f"{r['perplexity_after']:.2f} after")
+    return lines
