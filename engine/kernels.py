@@ -48,7 +48,10 @@ def _nll_forward(hidden, weight, targets, softcap):
 def _has_ext_op(name: str, device: torch.device) -> bool:
     """Whether engine._C has a kernel of op `name` for `device` (CUDA builds lack the training ops)."""
     key = "CUDA" if device.type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"depthcut::{name}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"depthcut::{name}", key)
+    except RuntimeError:  # an older build of the extension, without the op's schema
+        return False
 
 
 def _nll_backward(hidden, weight, targets, lse, grad_nll, softcap, need_weight_grad):
