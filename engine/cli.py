@@ -302,6 +302,8 @@ def cmd_prune(args):
 
     if args.ratio is not None:
         check_ratio(args.ratio)  # before the slow load
+    t = _training_args(args, "retrain-")
+    plan = _training_plan(t, args.retrain) if args.retrain else None
     model, tokenizer = _load(args)
     n = model.config.num_hidden_layers
     protect = _protect(args)
@@ -333,7 +335,6 @@ def cmd_prune(args):
         calibration = calibration or _calibration(args, tokenizer)
         heldout = calibration.heldout_ids[: args.eval_windows]
         dense_ppl = perplexity(model, heldout, progress="dense perplexity")
-    t = _training_args(args, "retrain-")
     teacher = copy.deepcopy(model) if args.retrain and t["distill_weight"] > 0 else None
     prune_blocks(model, blocks)
     card = {"name": f"{Path(args.out).name}", "source": args.model or "SmolLM2-135M-Instruct (bundled)",
@@ -350,7 +351,9 @@ def cmd_prune(args):
     if args.retrain:
         from .retrain import write_outputs
 
-        result = _retrain(args, t, model, tokenizer, args.retrain, teacher, calibration)
+        result = _retrain(args, t, plan, model, tokenizer, teacher, calibration)
+        if not result.main_process:
+            return
         model = result.model
         card["retraining"] = result.summary
         rows += [[f"{row[0]} (retraining windows)", row[1], row[2]] for row in _report_retraining(result)]
@@ -362,20 +365,23 @@ def cmd_prune(args):
         _export(args, model, tokenizer)
 
 
-def _retrain(args, t: dict, model, tokenizer, method: str, teacher=None, calibration=None):
-    """Build the data and recipe from the flags in `t`, retrain, and return the RetrainResult."""
-    from .retrain import RetrainConfig, make_accelerator, retrain
-    from .train_data import TrainingSet, read_documents, stream_dataset
+def _training_plan(t: dict, method: str):
+    """(accelerator, RetrainConfig) from the retraining flags in `t`, checked before any slow load."""
+    from .retrain import RetrainConfig, make_accelerator
 
-    accelerator = make_accelerator()
     if t["tokens"] is None and t["steps"] is None:
         raise DepthcutError("say how long to retrain: --tokens N or --steps N (with the prefix under prune)")
     if t["eval_windows"] < 0:
         raise DepthcutError(f"--eval-windows must be >= 0, got {t['eval_windows']}")
+    if t["seq_len"] < 2:
+        raise DepthcutError(f"--seq-len must be at least 2, got {t['seq_len']}")
+    if t["data"] and t["dataset"]:
+        raise DepthcutError("give training data as files (--data) or a dataset (--dataset), not both")
+    accelerator = make_accelerator()
     grad_accum = t["grad_accum"]
     if t["global_batch"] is not None:
         per_step = t["batch_size"] * accelerator.num_processes
-        if t["global_batch"] < 1 or t["global_batch"] % per_step:
+        if t["global_batch"] < 1 or per_step < 1 or t["global_batch"] % per_step:
             raise DepthcutError(f"--global-batch {t['global_batch']} is not a multiple of batch size x processes "
                                 f"({per_step})")
         grad_accum = t["global_batch"] // per_step
@@ -385,13 +391,18 @@ def _retrain(args, t: dict, model, tokenizer, method: str, teacher=None, calibra
                         lora_dropout=t["lora_dropout"], distill_weight=t["distill_weight"],
                         eval_every=t["eval_every"], save_every=t["save_every"], seed=t["seed"],
                         gradient_checkpointing=t["gradient_checkpointing"], loss=t["loss"])
-    if cfg.distill_weight > 0 and teacher is None:
-        raise DepthcutError("--distill-weight needs a teacher: --teacher DENSE_MODEL")
+    return accelerator, cfg
+
+
+def _retrain(args, t: dict, plan, model, tokenizer, teacher=None, calibration=None):
+    """Build the training data from the flags in `t` and run the planned retraining."""
+    from .retrain import retrain
+    from .train_data import TrainingSet, read_documents, stream_dataset
+
+    accelerator, cfg = plan
     seq_len = t["seq_len"]
     global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     needed = cfg.total_steps(global_batch, seq_len) * global_batch
-    if t["data"] and t["dataset"]:
-        raise DepthcutError("give training data as files (--data) or a dataset (--dataset), not both")
     if t["data"]:
         docs = [d for path in t["data"] for d in read_documents(path)]
         data = TrainingSet.from_documents(docs, tokenizer, seq_len, ", ".join(t["data"]), t["eval_windows"], t["seed"])
@@ -419,6 +430,9 @@ def cmd_retrain(args):
     from .pruner import save_model
     from .retrain import write_outputs
 
+    plan = _training_plan(_training_args(args, ""), args.method)
+    if args.distill_weight > 0 and not args.teacher:
+        raise DepthcutError("--distill-weight needs a teacher: --teacher DENSE_MODEL")
     model, tokenizer = _load(args)
     teacher = None
     if args.teacher:
@@ -426,7 +440,9 @@ def cmd_retrain(args):
                                     device=next(model.parameters()).device)
         if t_tok.get_vocab() != tokenizer.get_vocab():
             raise DepthcutError(f"the teacher's tokenizer differs from the student's: {args.teacher}")
-    result = _retrain(args, _training_args(args, ""), model, tokenizer, args.method, teacher)
+    result = _retrain(args, _training_args(args, ""), plan, model, tokenizer, teacher)
+    if not result.main_process:
+        return
     card = _source_card(args.model)
     card.update(name=Path(args.out).name, retraining=result.summary)
     save_model(result.model, tokenizer, args.out, card, extra=lambda d: write_outputs(result, d))

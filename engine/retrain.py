@@ -292,6 +292,7 @@ class RetrainResult:
     log: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     adapter_dir: Path | None = None  # the LoRA adapter saved before merging, when asked for
+    main_process: bool = True  # under torchrun only the main process writes outputs
 
 
 def _recipe(cfg: RetrainConfig, data: TrainingSet, model, world: int, teacher) -> dict:
@@ -414,7 +415,7 @@ def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, t
                "train_seconds": round(elapsed, 1),
                "tokens_per_second": round(tokens_timed / elapsed, 1) if elapsed > 0 and tokens_timed else None,
                "resumed_from_step": int(_CKPT.match(start_ckpt.name).group(1)) if start_ckpt else None}
-    return RetrainResult(final, log, summary, adapter_dir)
+    return RetrainResult(final, log, summary, adapter_dir, accelerator.is_main_process)
 
 
 class _nothing:
