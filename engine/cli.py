@@ -155,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench", help="folder for speed.json and speed.png")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="the whole job on the bundled SmolLM2: score, prune 3 ways, evaluate")
+    p = sub.add_parser("demo", help="the whole job on the bundled SmolLM2: score, prune 3 ways, evaluate, "
+                                    "heal the PPL-pruned model with LoRA")
     p.add_argument("--out", default="out")
     p.add_argument("--remove", type=int, default=6)
+    p.add_argument("--no-heal", action="store_true", help="skip the LoRA retraining (about two minutes)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -550,10 +552,10 @@ def cmd_bench(args):
 
 
 def cmd_demo(args):
-    from .demo import run_demo, render_report
+    from .demo import HEAL, render_report, run_demo
 
-    print(render_report(run_demo(args.out, args.remove)))
-    print(f"wrote {args.out}/: scores.json, scores.png, pruned-*/ models, report.md")
+    print(render_report(run_demo(args.out, args.remove, heal=None if args.no_heal else HEAL)))
+    print(f"wrote {args.out}/: scores.json, scores.png, pruned-*/ and healed-ppl/ models, report.md")
 
 
 def main(argv: list[str] | None = None) -> int:

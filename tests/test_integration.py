@@ -66,3 +66,16 @@ def test_pruned_smollm2_saves_and_reloads(smollm2, fused, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, pruned(ids).logits, atol=1e-4)
     assert loaded.config.num_hidden_layers == 24
+
+
+def test_lora_heals_the_ppl_pruned_smollm2(smollm2, fused, tmp_path):
+    """A few steps of the demo's recipe on windows neither calibration nor evaluation uses."""
+    from engine.retrain import RetrainConfig, retrain
+    from engine.train_data import TrainingSet
+
+    model, tokenizer = smollm2
+    pruned = prune_blocks(copy.deepcopy(model), fused.select("ppl", 6))
+    data = TrainingSet.from_default_text(tokenizer, eval_windows=8)
+    cfg = RetrainConfig(steps=4, batch_size=4, lr=1e-3, warmup=0)
+    s = retrain(pruned, data, cfg, tmp_path / "run", progress=False).summary
+    assert s["perplexity_after"] < 0.85 * s["perplexity_before"], s
