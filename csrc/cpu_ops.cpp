@@ -1,6 +1,6 @@
-// CPU kernels: fused linear + log-softmax + NLL (forward/backward) and the Taylor
-// saliency reduction. GEMM tiles go to ATen (oneDNN/MKL); the row reductions are
-// plain loops compiled for several ISAs (target_clones), so the wheel needs no -march.
+// CPU kernels: fused linear + log-softmax + NLL (forward, backward with and without
+// the head weight gradient) and the Taylor saliency reduction. The shared row loops and
+// the work split are in cpu_rows.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -8,141 +8,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define DC_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DC_MULTIVERSION
-#endif
-// Helpers must be inlined into each ISA clone, or the loops calling them stay scalar.
-#define DC_INLINE inline __attribute__((always_inline))
-
-// The CPU kernels take fp32 and bf16 (the dtypes the scorer uses).
-#define DC_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#include "cpu_rows.h"
 
 namespace {
-
-constexpr int64_t kIgnoreIndex = -100;
-// Vocabulary chunk: on a 2-core Zen 4 (M=2560, V=49152, H=576) 1024 beat 2048 and
-// 4096; a [128 x 1024] tile and its reduction stay in L2.
-constexpr int64_t kDefaultChunk = 1024;
-constexpr int64_t kRowBlock = 128;
-
-// exp by Cody-Waite reduction and the Cephes polynomial (~2 ulp), clamped to
-// [-87, 88]. Rounding uses the 1.5 * 2^23 trick instead of floor(), so the
-// function is branch- and call-free and the loops below vectorise on any ISA.
-DC_INLINE float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  constexpr float kMagic = 12582912.0f;
-  const float t = x * 1.44269504088896341f + kMagic;
-  const float k = t - kMagic;
-  int32_t ti;
-  std::memcpy(&ti, &t, sizeof(ti));
-  float r = x - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (ti - 0x4B400000 + 127) << 23;  // 2^k
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
-
-DC_INLINE float tanh_approx(float x) {
-  x = x > 9.0f ? 9.0f : x;  // tanh(9) == 1 in fp32
-  x = x < -9.0f ? -9.0f : x;
-  return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f);
-}
-
-DC_INLINE float bf16_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// Round to nearest even, branch-free (the values here are finite).
-DC_INLINE uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
-DC_MULTIVERSION void bf16_to_float_row(const uint16_t* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
-}
-
-DC_MULTIVERSION void float_to_bf16_row(const float* src, uint16_t* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
-}
-
-DC_MULTIVERSION void softcap_row(const float* src, float* dst, int64_t n, float softcap) {
-  const float inv = 1.0f / softcap;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = softcap * tanh_approx(src[i] * inv);
-}
-
-// A logit tile row as fp32 with the optional softcap applied; fp32 rows without
-// softcap are read in place.
-const float* row_as_float(const float* src, float* scratch, int64_t n, float softcap) {
-  if (softcap <= 0.0f) return src;
-  softcap_row(src, scratch, n, softcap);
-  return scratch;
-}
-
-const float* row_as_float(const at::BFloat16* src, float* scratch, int64_t n, float softcap) {
-  bf16_to_float_row(reinterpret_cast<const uint16_t*>(src), scratch, n);
-  if (softcap > 0.0f) softcap_row(scratch, scratch, n, softcap);
-  return scratch;
-}
-
-void store_row(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-
-void store_row(const float* src, at::BFloat16* dst, int64_t n) {
-  float_to_bf16_row(src, reinterpret_cast<uint16_t*>(dst), n);
-}
-
-DC_MULTIVERSION float row_max(const float* z, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = z[i] > m ? z[i] : m;
-  return m;
-}
-
-DC_MULTIVERSION float row_sum_exp(const float* z, int64_t n, float shift) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += exp_approx(z[i] - shift);
-  return s;
-}
-
-// In place: z (capped logits) -> d nll / d raw logit = g * softmax * dcap; the
-// caller subtracts the one-hot part at the target.
-DC_MULTIVERSION void grad_row(float* z, int64_t n, float lse, float g, float softcap) {
-  if (softcap > 0.0f) {
-    const float inv = 1.0f / softcap;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float t = z[i] * inv;
-      z[i] = g * exp_approx(z[i] - lse) * (1.0f - t * t);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) z[i] = g * exp_approx(z[i] - lse);
-  }
-}
 
 DC_MULTIVERSION double abs_prod_sum(const float* w, const float* d, int64_t n) {
   // fp32 partial sums over short runs, accumulated in double.
@@ -157,163 +29,122 @@ DC_MULTIVERSION double abs_prod_sum(const float* w, const float* d, int64_t n) {
   return total;
 }
 
-void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "linear_nll: hidden [M,H] and weight [V,H] must be 2-D");
-  TORCH_CHECK(hidden.size(1) == weight.size(1), "linear_nll: hidden and weight disagree on H");
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "linear_nll: hidden and weight dtypes differ");
-  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kBFloat16,
-              "linear_nll (CPU): float32 or bfloat16 expected, got ", hidden.scalar_type());
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "linear_nll: targets must be [M]");
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "linear_nll: targets must be int64");
-  const int64_t V = weight.size(0);
-  const int64_t bad = targets.ne(kIgnoreIndex).logical_and(targets.lt(0).logical_or(targets.ge(V))).sum().item<int64_t>();
-  TORCH_CHECK(bad == 0, "linear_nll: ", bad, " targets outside [0, ", V, ") and not -100");
-}
-
-// Work split: row blocks x vocabulary ranges, enough tasks to occupy every thread
-// even for a handful of rows. Each task runs its GEMMs single-threaded (nested
-// parallel regions are serial), on tiles that stay in cache.
-struct Split {
-  int64_t rows, row_blocks, vocab_splits, vocab_per_split, chunk;
-};
-
-Split make_split(int64_t M, int64_t V, int64_t chunk) {
-  Split s;
-  s.chunk = std::min(chunk > 0 ? chunk : kDefaultChunk, std::max<int64_t>(V, 1));
-  s.rows = std::min<int64_t>(kRowBlock, std::max<int64_t>(M, 1));
-  s.row_blocks = (M + s.rows - 1) / s.rows;
-  const int64_t chunks = (V + s.chunk - 1) / s.chunk;
-  const int64_t threads = at::get_num_threads();
-  s.vocab_splits = std::max<int64_t>(1, std::min(chunks, (threads + s.row_blocks - 1) / s.row_blocks));
-  s.vocab_per_split = ((chunks + s.vocab_splits - 1) / s.vocab_splits) * s.chunk;
-  return s;
+// out = d(g * nll) / d raw logit from the capped logits z: g * softmax * dcap; the
+// caller subtracts the one-hot part at the target. out may be z.
+DC_MULTIVERSION void nll_grad_row(const float* z, float* out, int64_t n, float lse, float g, float softcap) {
+  if (softcap > 0.0f) {
+    const float inv = 1.0f / softcap;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float t = z[i] * inv;
+      out[i] = g * exp_approx(z[i] - lse) * (1.0f - t * t);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = g * exp_approx(z[i] - lse);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_nll_forward_cpu(
     const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in, double softcap_d,
     int64_t chunk) {
-  check_inputs(hidden_in, weight_in, targets_in);
+  constexpr const char* op = "linear_nll_forward";
+  check_head(hidden_in, weight_in, op, "hidden", "weight");
+  check_targets(targets_in, hidden_in.size(0), weight_in.size(0), op);
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(), targets = targets_in.contiguous();
   const int64_t M = hidden.size(0), V = weight.size(0);
   const float softcap = static_cast<float>(softcap_d);
-  const Split sp = make_split(M, V, chunk);
+  const Split sp = make_split(M, V, chunk, /*by_vocab=*/false);
   auto f32 = hidden.options().dtype(at::kFloat);
   // Per vocabulary split: running max, sum of exp relative to it, target logit.
-  at::Tensor pmax = at::empty({sp.vocab_splits, M}, f32);
-  at::Tensor psum = at::empty({sp.vocab_splits, M}, f32);
+  at::Tensor pmax = at::full({sp.vocab_splits, M}, -std::numeric_limits<float>::infinity(), f32);
+  at::Tensor psum = at::zeros({sp.vocab_splits, M}, f32);
   at::Tensor ptgt = at::zeros({sp.vocab_splits, M}, f32);
-  const int64_t* tgt = targets.data_ptr<int64_t>();
+  const int64_t* tgt = targets.const_data_ptr<int64_t>();
 
-  DC_DISPATCH(hidden.scalar_type(), "linear_nll_forward_cpu", [&] {
-    at::parallel_for(0, sp.row_blocks * sp.vocab_splits, 1, [&](int64_t begin, int64_t end) {
-      // Worker threads do not inherit the dispatcher's autograd exclusion.
-      const at::AutoDispatchBelowAutograd below_autograd;
-      at::Tensor tile_buf = at::empty({sp.rows * sp.chunk}, hidden.options());
-      std::vector<float> zrow(sp.chunk);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t rb = task / sp.vocab_splits, vs = task % sp.vocab_splits;
-        const int64_t r0 = rb * sp.rows, nr = std::min(sp.rows, M - r0);
-        const int64_t v_lo = vs * sp.vocab_per_split, v_hi = std::min(V, v_lo + sp.vocab_per_split);
-        float* mx = pmax.data_ptr<float>() + vs * M + r0;
-        float* sm = psum.data_ptr<float>() + vs * M + r0;
-        float* zt = ptgt.data_ptr<float>() + vs * M + r0;
-        std::fill(mx, mx + nr, -std::numeric_limits<float>::infinity());
-        std::fill(sm, sm + nr, 0.0f);
-        const at::Tensor h = hidden.narrow(0, r0, nr);
-        for (int64_t c0 = v_lo; c0 < v_hi; c0 += sp.chunk) {
-          const int64_t nc = std::min(sp.chunk, v_hi - c0);
-          at::Tensor tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
-          at::mm_out(tile, h, weight.narrow(0, c0, nc).t());
-          const scalar_t* tp = tile.const_data_ptr<scalar_t>();
-          for (int64_t i = 0; i < nr; ++i) {
-            const float* z = row_as_float(tp + i * nc, zrow.data(), nc, softcap);
-            const float m_new = std::max(mx[i], row_max(z, nc));
-            sm[i] = sm[i] * exp_approx(mx[i] - m_new) + row_sum_exp(z, nc, m_new);
-            mx[i] = m_new;
-            const int64_t t = tgt[r0 + i];
-            if (t >= c0 && t < c0 + nc) zt[i] = z[t - c0];
-          }
-        }
+  sweep(sp, [&] {
+    return [&, buf = at::empty({sp.rows * sp.chunk}, hidden.options()),
+            zrow = std::vector<float>(sp.chunk)](const Tile& t) mutable {
+      const at::Tensor tile = logit_tile(buf, hidden, weight, t);
+      const int64_t o = t.split * M + t.r0;
+      float* mx = pmax.mutable_data_ptr<float>() + o;
+      float* sm = psum.mutable_data_ptr<float>() + o;
+      float* zt = ptgt.mutable_data_ptr<float>() + o;
+      for (int64_t i = 0; i < t.nr; ++i) {
+        const float* z = tile_row(tile, i, zrow.data(), softcap);
+        online_lse(z, t.nc, mx[i], sm[i]);
+        const int64_t target = tgt[t.r0 + i];
+        if (target >= t.c0 && target < t.c0 + t.nc) zt[i] = z[target - t.c0];
       }
-    });
+    };
   });
 
-  // Merge the vocabulary splits: lse = log sum_k s_k exp(m_k - m).
-  at::Tensor m_all = std::get<0>(pmax.max(0));
-  at::Tensor lse = (psum * (pmax - m_all.unsqueeze(0)).exp()).sum(0).log_() + m_all;
+  at::Tensor lse = merge_lse(pmax, psum);
   at::Tensor nll = (lse - ptgt.sum(0)).masked_fill_(targets.eq(kIgnoreIndex), 0.0);
   return {nll, lse};
 }
 
-at::Tensor linear_nll_backward_cpu(
-    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in, const at::Tensor& lse_in,
-    const at::Tensor& grad_nll_in, double softcap_d, int64_t chunk) {
-  check_inputs(hidden_in, weight_in, targets_in);
+// grad_hidden (hidden's dtype) and, with weight_grad, grad_weight (fp32 [V, H]) of
+// sum(grad_nll * nll). Without the weight gradient, tasks are row blocks x vocabulary
+// ranges; with it, vocabulary ranges that each loop over all rows.
+std::tuple<at::Tensor, at::Tensor> nll_backward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
+                                                const at::Tensor& targets_in, const at::Tensor& lse_in,
+                                                const at::Tensor& grad_nll_in, double softcap_d, int64_t chunk,
+                                                bool weight_grad, const char* op) {
+  check_head(hidden_in, weight_in, op, "hidden", "weight");
+  check_targets(targets_in, hidden_in.size(0), weight_in.size(0), op);
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(), targets = targets_in.contiguous();
   const int64_t M = hidden.size(0), V = weight.size(0), H = hidden.size(1);
-  TORCH_CHECK(lse_in.numel() == M && grad_nll_in.numel() == M, "linear_nll_backward: lse and grad_nll must be [M]");
-  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
-  // Ignored targets get no gradient.
-  const at::Tensor gn = grad_nll_in.to(at::kFloat).masked_fill(targets.eq(kIgnoreIndex), 0.0).contiguous();
+  const at::Tensor lse = rows_f32(lse_in, M, op, "lse");
+  const at::Tensor gn = row_grads(grad_nll_in, targets, op, "grad_nll");
   const float softcap = static_cast<float>(softcap_d);
-  const Split sp = make_split(M, V, chunk);
+  const Split sp = make_split(M, V, chunk, weight_grad);
+  auto f32 = hidden.options().dtype(at::kFloat);
   // fp32 partial gradients per vocabulary split, summed at the end.
-  at::Tensor partial = at::empty({sp.vocab_splits, M, H}, hidden.options().dtype(at::kFloat));
-  const int64_t* tgt = targets.data_ptr<int64_t>();
-  const float* lsep = lse.data_ptr<float>();
-  const float* gp = gn.data_ptr<float>();
+  at::Tensor partial = at::zeros({sp.vocab_splits, M, H}, f32);
+  at::Tensor grad_weight = weight_grad ? at::zeros({V, H}, f32) : at::Tensor();
+  const int64_t* tgt = targets.const_data_ptr<int64_t>();
+  const float* lsep = lse.const_data_ptr<float>();
+  const float* gp = gn.const_data_ptr<float>();
 
-  DC_DISPATCH(hidden.scalar_type(), "linear_nll_backward_cpu", [&] {
-    at::parallel_for(0, sp.row_blocks * sp.vocab_splits, 1, [&](int64_t begin, int64_t end) {
-      // Worker threads do not inherit the dispatcher's autograd exclusion.
-      const at::AutoDispatchBelowAutograd below_autograd;
-      at::Tensor tile_buf = at::empty({sp.rows * sp.chunk}, hidden.options());
-      at::Tensor grad_buf = at::empty({sp.rows * sp.chunk}, hidden.options());
-      at::Tensor step = at::empty({sp.rows, H}, hidden.options());
-      std::vector<float> zrow(sp.chunk);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t rb = task / sp.vocab_splits, vs = task % sp.vocab_splits;
-        const int64_t r0 = rb * sp.rows, nr = std::min(sp.rows, M - r0);
-        const int64_t v_lo = vs * sp.vocab_per_split, v_hi = std::min(V, v_lo + sp.vocab_per_split);
-        at::Tensor acc = partial[vs].narrow(0, r0, nr);
-        acc.zero_();
-        const at::Tensor h = hidden.narrow(0, r0, nr);
-        for (int64_t c0 = v_lo; c0 < v_hi; c0 += sp.chunk) {
-          const int64_t nc = std::min(sp.chunk, v_hi - c0);
-          const at::Tensor w = weight.narrow(0, c0, nc);
-          at::Tensor tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
-          at::Tensor g = grad_buf.narrow(0, 0, nr * nc).view({nr, nc});
-          at::mm_out(tile, h, w.t());
-          const scalar_t* tp = tile.const_data_ptr<scalar_t>();
-          scalar_t* gptr = g.data_ptr<scalar_t>();
-          for (int64_t i = 0; i < nr; ++i) {
-            const int64_t r = r0 + i;
-            float* z = zrow.data();
-            const float* zin = row_as_float(tp + i * nc, z, nc, softcap);
-            if (zin != z) std::memcpy(z, zin, nc * sizeof(float));
-            const int64_t t = tgt[r];
-            const bool hit = t >= c0 && t < c0 + nc;
-            const float zt = hit ? z[t - c0] : 0.0f;
-            grad_row(z, nc, lsep[r], gp[r], softcap);
-            if (hit) {
-              const float ct = softcap > 0.0f ? 1.0f - (zt / softcap) * (zt / softcap) : 1.0f;
-              z[t - c0] -= gp[r] * ct;
-            }
-            store_row(z, gptr + i * nc, nc);
-          }
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            acc.addmm_(g, w);
-          } else {
-            // Reduced-precision GEMM (fast path); its output is accumulated in fp32.
-            at::Tensor s = step.narrow(0, 0, nr);
-            at::mm_out(s, g, w);
-            acc.add_(s);
-          }
+  sweep(sp, [&] {
+    return [&, buf = at::empty({sp.rows * sp.chunk}, hidden.options()),
+            step = at::empty({std::max(sp.rows, sp.chunk) * H}, hidden.options()),
+            zrow = std::vector<float>(sp.chunk)](const Tile& t) mutable {
+      // The logit tile becomes d/d raw logits in place, row by row.
+      const at::Tensor g = logit_tile(buf, hidden, weight, t);
+      float* z = zrow.data();
+      for (int64_t i = 0; i < t.nr; ++i) {
+        const int64_t r = t.r0 + i;
+        if (gp[r] == 0.0f) {
+          zero_tile_row(g, i);
+          continue;
         }
+        const float* zin = tile_row(g, i, z, softcap);
+        const int64_t target = tgt[r];
+        const bool hit = target >= t.c0 && target < t.c0 + t.nc;
+        const float zt = hit ? zin[target - t.c0] : 0.0f;
+        nll_grad_row(zin, z, t.nc, lsep[r], gp[r], softcap);
+        if (hit) z[target - t.c0] -= gp[r] * (softcap > 0.0f ? 1.0f - (zt / softcap) * (zt / softcap) : 1.0f);
+        store_tile_row(z, g, i);
       }
-    });
+      add_head_grads(g, hidden, weight, t, partial, grad_weight, step);
+    };
   });
-  return partial.sum(0).to(hidden.scalar_type());
+  return {partial.sum(0).to(hidden.scalar_type()), grad_weight};
+}
+
+at::Tensor linear_nll_backward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& lse,
+    const at::Tensor& grad_nll, double softcap, int64_t chunk) {
+  return std::get<0>(nll_backward(hidden, weight, targets, lse, grad_nll, softcap, chunk, false,
+                                  "linear_nll_backward"));
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_nll_backward_full_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& lse,
+    const at::Tensor& grad_nll, double softcap, int64_t chunk) {
+  return nll_backward(hidden, weight, targets, lse, grad_nll, softcap, chunk, true, "linear_nll_backward_full");
 }
 
 at::Tensor taylor_saliency_cpu(const at::Tensor& x_in, const at::Tensor& dy_in, const at::Tensor& weight_in) {
@@ -352,5 +183,6 @@ at::Tensor taylor_saliency_cpu(const at::Tensor& x_in, const at::Tensor& dy_in, 
 TORCH_LIBRARY_IMPL(depthcut, CPU, m) {
   m.impl("linear_nll_forward", &linear_nll_forward_cpu);
   m.impl("linear_nll_backward", &linear_nll_backward_cpu);
+  m.impl("linear_nll_backward_full", &linear_nll_backward_full_cpu);
   m.impl("taylor_saliency", &taylor_saliency_cpu);
 }

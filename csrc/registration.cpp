@@ -1,5 +1,6 @@
 // Operator schemas of the depthcut library and the Python module stub.
-// Device kernels register themselves in cpu_ops.cpp, cpu_decode.cpp, decode_linear.cpp and cuda_ops.cu.
+// Device kernels register themselves in cpu_ops.cpp, cpu_kl_ops.cpp, cpu_decode.cpp, decode_linear.cpp and
+// cuda_ops.cu.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -12,6 +13,23 @@ TORCH_LIBRARY(depthcut, m) {
   m.def(
       "linear_nll_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_nll,"
       " float softcap, int chunk) -> Tensor");
+  // The same sweep with the head weight gradient too (full training; tied embeddings get it):
+  // grad_hidden in hidden's dtype, grad_weight fp32 [V, H].
+  m.def(
+      "linear_nll_backward_full(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_nll,"
+      " float softcap, int chunk) -> (Tensor grad_hidden, Tensor grad_weight)");
+  // Per-token KL(teacher || student) of z_s = hs @ ws.T and z_t = ht @ wt.T (each softcapped when its
+  // softcap > 0; the vocabulary is shared, the hidden sizes need not be), without either [M, V] logit
+  // matrix; rows whose target is -100 give 0 and no gradient. All outputs fp32 [M].
+  m.def(
+      "linear_kl_forward(Tensor hs, Tensor ws, Tensor ht, Tensor wt, Tensor targets, float softcap_s,"
+      " float softcap_t, int chunk) -> (Tensor kl, Tensor lse_s, Tensor lse_t)");
+  // Gradient of sum(grad_kl * kl) in hs (hs's dtype) and, if need_weight_grad, in ws (fp32 [V, H];
+  // else an empty [0]).
+  m.def(
+      "linear_kl_backward(Tensor hs, Tensor ws, Tensor ht, Tensor wt, Tensor targets, Tensor lse_s, Tensor lse_t,"
+      " Tensor grad_kl, float softcap_s, float softcap_t, bool need_weight_grad, int chunk)"
+      " -> (Tensor grad_hs, Tensor grad_ws)");
   // sum |W * (dy^T x)| without storing the full weight gradient.
   m.def("taylor_saliency(Tensor x, Tensor dy, Tensor weight) -> Tensor");
   // x @ weight.T + bias for a few fp32 rows, fp16/bf16/fp32 weights widened in registers.

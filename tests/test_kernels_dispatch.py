@@ -60,10 +60,48 @@ def test_linear_nll_and_gradient(backend, softcap, dtype):
     torch.testing.assert_close(h1.grad.float(), h2.grad, **tol)
 
 
-def test_linear_nll_refuses_weight_grad(backend):
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_linear_nll_head_weight_gradient(backend, softcap):
+    """Full training: the head weight's gradient (and the hidden one beside it) equal autograd on full logits."""
+    hidden, weight, targets = _inputs(37, 211, 24, torch.float32)
+    g = torch.rand(37, generator=torch.Generator().manual_seed(3)) + 0.5
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (kernels.linear_nll(h1, w1, targets, softcap) * g).sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (_full_logits(h2, w2, targets, softcap) * g).sum().backward()
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_range_targets_are_refused_by_every_backend(backend):
     hidden, weight, targets = _inputs(5, 97, 16, torch.float32)
-    with pytest.raises(ValueError, match="detach"):
-        kernels.linear_nll(hidden, weight.requires_grad_(), targets)
+    targets[2] = 97
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        kernels.linear_nll(hidden, weight, targets)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        kernels.linear_kl(hidden, weight, hidden, weight, targets)
+
+
+@pytest.mark.parametrize("softcaps", [(None, None), (3.0, 5.0)])
+def test_linear_kl(backend, softcaps):
+    """KL(teacher || student) and its student gradients equal kl_div on full logits."""
+    hs, ws, targets = _inputs(29, 151, 24, torch.float32, seed=1)
+    ht, wt, _ = _inputs(29, 151, 40, torch.float32, seed=2)  # a wider teacher
+    cs, ct = softcaps
+
+    def capped(z, c):
+        return z if c is None else c * torch.tanh(z / c)
+
+    h1, w1 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    kl = kernels.linear_kl(h1, w1, ht, wt, targets, cs, ct)
+    kl.sum().backward()
+    h2, w2 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    ref = F.kl_div(capped(h2 @ w2.T, cs).log_softmax(-1), capped(ht @ wt.T, ct).log_softmax(-1), log_target=True,
+                   reduction="none").sum(-1).masked_fill(targets == -100, 0.0)
+    ref.sum().backward()
+    torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_taylor_saliency(backend):

@@ -1,0 +1,189 @@
+"""The compiled training ops (NLL with the head weight gradient, distillation KL) against
+float64 definitions on the full logits, autograd for the gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine._ext import HAS_EXT
+
+pytestmark = pytest.mark.skipif(not HAS_EXT, reason="compiled extension engine._C not built "
+                                "(pip install --no-build-isolation -e .)")
+ops = torch.ops.depthcut
+
+# bf16: logit tiles and gradient tiles are rounded to bf16 (like a bf16 F.linear), so
+# errors scale with |logit| * 2^-8; the inputs below keep |logit| < ~15.
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
+SHAPES = [(1, 97, 16), (7, 211, 48), (33, 1000, 72), (130, 97, 48), (300, 1000, 40)]
+CHUNKS = [0, 64, 100]  # 0: the default (1024)
+
+
+def _head(m, v, h, dtype, g):
+    hidden = torch.randn(m, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5 * 3).to(dtype)
+    return hidden, weight
+
+
+def _targets(m, v, g):
+    targets = torch.randint(0, v, (m,), generator=g)
+    if m > 1:
+        targets[::4] = -100
+    return targets
+
+
+def _logits(hidden, weight, softcap):
+    """float64 leaves (hidden, weight) and their capped logits."""
+    h = hidden.double().requires_grad_()
+    w = weight.double().requires_grad_()
+    z = h @ w.T
+    return h, w, softcap * torch.tanh(z / softcap) if softcap else z
+
+
+def _close(got, ref, dtype):
+    torch.testing.assert_close(got.double(), ref.detach(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("m,v,h", SHAPES)
+def test_nll_backward_full_matches_autograd(dtype, softcap, m, v, h):
+    g = torch.Generator().manual_seed(m * 7 + v + h)
+    hidden, weight = _head(m, v, h, dtype, g)
+    targets = _targets(m, v, g)
+    grad_nll = torch.rand(m, generator=g)
+    hr, wr, z = _logits(hidden, weight, softcap)
+    (F.cross_entropy(z, targets, reduction="none") * grad_nll).sum().backward()
+
+    for chunk in CHUNKS:
+        _, lse = ops.linear_nll_forward(hidden, weight, targets, softcap, chunk)
+        grad_h, grad_w = ops.linear_nll_backward_full(hidden, weight, targets, lse, grad_nll, softcap, chunk)
+        assert grad_h.dtype == dtype and grad_h.shape == hidden.shape
+        assert grad_w.dtype == torch.float32 and grad_w.shape == weight.shape
+        _close(grad_h, hr.grad, dtype)
+        _close(grad_w, wr.grad, dtype)
+        assert (grad_h[targets == -100] == 0).all()
+        # Same gradient as the hidden-only op (which splits the work by rows instead).
+        alone = ops.linear_nll_backward(hidden, weight, targets, lse, grad_nll, softcap, chunk)
+        torch.testing.assert_close(grad_h.float(), alone.float(), **TOL[dtype])
+
+
+def _kl_reference(hs, ws, ht, wt, targets, softcap_s, softcap_t):
+    """float64 leaves of the student, and KL(teacher || student) per row (0 where ignored)."""
+    h, w, zs = _logits(hs, ws, softcap_s)
+    _, _, zt = _logits(ht, wt, softcap_t)
+    kl = F.kl_div(zs.log_softmax(-1), zt.detach().log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return h, w, zs, zt, kl.masked_fill(targets == -100, 0.0)
+
+
+def _kl_inputs(m, v, h, ht_size, dtypes, seed):
+    g = torch.Generator().manual_seed(seed)
+    hs, ws = _head(m, v, h, dtypes[0], g)
+    ht, wt = _head(m, v, ht_size, dtypes[1], g)
+    return g, hs, ws, ht, wt, _targets(m, v, g)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("softcaps", [(0.0, 0.0), (3.0, 0.0), (0.0, 3.0)])
+@pytest.mark.parametrize("m,v,h", SHAPES)
+def test_linear_kl_matches_kl_div(dtypes, softcaps, m, v, h):
+    ht_size = h + 24 if m == 33 else h  # teacher and student hidden sizes differ
+    g, hs, ws, ht, wt, targets = _kl_inputs(m, v, h, ht_size, dtypes, seed=m * 7 + v + h)
+    hr, wr, zs, zt, ref = _kl_reference(hs, ws, ht, wt, targets, *softcaps)
+    grad_kl = torch.rand(m, generator=g)
+    (ref * grad_kl).sum().backward()
+    tol = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32
+
+    for chunk in CHUNKS:
+        kl, lse_s, lse_t = ops.linear_kl_forward(hs, ws, ht, wt, targets, *softcaps, chunk)
+        for out in (kl, lse_s, lse_t):
+            assert out.dtype == torch.float32 and out.shape == (m,)
+        _close(kl, ref, tol)
+        _close(lse_s, torch.logsumexp(zs, -1), tol)
+        _close(lse_t, torch.logsumexp(zt, -1), tol)
+        assert (kl[targets == -100] == 0).all()
+
+        grad_h, grad_w = ops.linear_kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, *softcaps, True,
+                                                chunk)
+        assert grad_h.dtype == hs.dtype and grad_h.shape == hs.shape
+        assert grad_w.dtype == torch.float32 and grad_w.shape == ws.shape
+        _close(grad_h, hr.grad, tol)
+        _close(grad_w, wr.grad, tol)
+        assert (grad_h[targets == -100] == 0).all()
+        # Without the weight gradient the work is split by rows; the hidden gradient agrees.
+        grad_h2, none = ops.linear_kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, *softcaps, False,
+                                               chunk)
+        assert none.shape == (0,)
+        torch.testing.assert_close(grad_h2.float(), grad_h.float(), **TOL[tol])
+
+
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("m", [1, 130])
+def test_any_thread_count_gives_the_same_results(threads, m):
+    """Thread counts change how the vocabulary is split (1 to 5 ranges here) and merged."""
+    v, h = 1000, 24
+    g, hs, ws, ht, wt, targets = _kl_inputs(m, v, h, h, (torch.float32,) * 2, seed=threads + m)
+    grad = torch.rand(m, generator=g)
+    hr, wr, _, _, ref = _kl_reference(hs, ws, ht, wt, targets, 3.0, 0.0)
+    (ref * grad).sum().backward()
+    hn, wn, z = _logits(hs, ws, 0.0)
+    nll_ref = F.cross_entropy(z, targets, reduction="none")
+    (nll_ref * grad).sum().backward()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kl, lse_s, lse_t = ops.linear_kl_forward(hs, ws, ht, wt, targets, 3.0, 0.0, 100)
+        kl_h, kl_w = ops.linear_kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad, 3.0, 0.0, True, 100)
+        nll, lse = ops.linear_nll_forward(hs, ws, targets, 0.0, 100)
+        nll_h, nll_w = ops.linear_nll_backward_full(hs, ws, targets, lse, grad, 0.0, 100)
+    finally:
+        torch.set_num_threads(before)
+    for got, want in [(kl, ref), (kl_h, hr.grad), (kl_w, wr.grad), (nll, nll_ref), (nll_h, hn.grad), (nll_w, wn.grad)]:
+        _close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_kl_of_a_model_with_itself_is_zero(softcap):
+    g, hs, ws, _, _, targets = _kl_inputs(33, 1000, 72, 72, (torch.float32,) * 2, seed=3)
+    kl, lse_s, lse_t = ops.linear_kl_forward(hs, ws, hs, ws, targets, softcap, softcap, 0)
+    torch.testing.assert_close(kl, torch.zeros(33), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse_s, lse_t, atol=1e-6, rtol=0)
+    grad_h, grad_w = ops.linear_kl_backward(hs, ws, hs, ws, targets, lse_s, lse_t, torch.ones(33), softcap, softcap,
+                                            True, 0)
+    torch.testing.assert_close(grad_h, torch.zeros_like(grad_h), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_w, torch.zeros_like(grad_w), atol=1e-6, rtol=0)
+
+
+def test_training_ops_reject_bad_input():
+    g, hs, ws, ht, wt, targets = _kl_inputs(4, 97, 16, 8, (torch.float32,) * 2, seed=0)
+    lse, grad = torch.zeros(4), torch.ones(4)
+
+    def kl_fwd(hs=hs, ws=ws, ht=ht, wt=wt, targets=targets):
+        return ops.linear_kl_forward(hs, ws, ht, wt, targets, 0.0, 0.0, 0)
+
+    def kl_bwd(lse_s=lse, lse_t=lse, grad_kl=grad):
+        return ops.linear_kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, 0.0, 0.0, True, 0)
+
+    def nll_bwd(hidden=hs, weight=ws, targets=targets, lse=lse, grad_nll=grad):
+        return ops.linear_nll_backward_full(hidden, weight, targets, lse, grad_nll, 0.0, 0)
+
+    bad_targets = targets.clone()
+    bad_targets[1] = 97
+    cases = [
+        (lambda: kl_fwd(hs=hs[0]), "hs \\[M,H\\] and ws \\[V,H\\] must be 2-D"),
+        (lambda: kl_fwd(ws=ws[:, :8]), "hs and ws disagree on H \\(16 vs 8\\)"),
+        (lambda: kl_fwd(wt=wt[:50]), "ws and wt disagree on V \\(97 vs 50\\)"),
+        (lambda: kl_fwd(ht=ht[:3]), "hs and ht disagree on M \\(4 vs 3\\)"),
+        (lambda: kl_fwd(wt=wt.bfloat16()), "ht and wt dtypes differ"),
+        (lambda: kl_fwd(hs=hs.half(), ws=ws.half()), "float32 or bfloat16 expected, got Half"),
+        (lambda: kl_fwd(targets=bad_targets), "1 targets outside \\[0, 97\\) and not -100"),
+        (lambda: kl_fwd(targets=targets.int()), "targets must be int64"),
+        (lambda: kl_fwd(targets=targets[:3]), "targets must be \\[M\\]"),
+        (lambda: kl_bwd(lse_t=lse[:3]), "linear_kl_backward: lse_t must be \\[M\\]"),
+        (lambda: kl_bwd(grad_kl=torch.ones(4, 1)), "linear_kl_backward: grad_kl must be \\[M\\]"),
+        (lambda: nll_bwd(weight=ws.bfloat16()), "linear_nll_backward_full: hidden and weight dtypes differ"),
+        (lambda: nll_bwd(targets=bad_targets), "targets outside"),
+        (lambda: nll_bwd(lse=lse[:2]), "linear_nll_backward_full: lse must be \\[M\\]"),
+        (lambda: nll_bwd(grad_nll=torch.ones(5)), "linear_nll_backward_full: grad_nll must be \\[M\\]"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
