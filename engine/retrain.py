@@ -257,6 +257,16 @@ class Checkpoints:
         accelerator.wait_for_everyone()
 
     def load(self, path: Path, accelerator, model, optimizer, scheduler, recipe: dict) -> int:
+        """Restore everything a checkpoint holds; returns its step. A damaged one is a one-line error."""
+        try:
+            return self._load(path, accelerator, model, optimizer, scheduler, recipe)
+        except DepthcutError:
+            raise
+        except Exception as e:  # json, safetensors and torch.load fail in their own ways
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DepthcutError(f"cannot resume from {path}: damaged checkpoint ({first})") from None
+
+    def _load(self, path: Path, accelerator, model, optimizer, scheduler, recipe: dict) -> int:
         from safetensors.torch import load_file
 
         saved = json.loads((path / "recipe.json").read_text())
@@ -269,10 +279,9 @@ class Checkpoints:
             raise DepthcutError(f"cannot resume from {path}: no RNG state for process {accelerator.process_index} "
                                 "(was it written with another number of processes?)")
         weights = load_file(str(path / "trained.safetensors"))
-        params = dict(model.named_parameters())
-        missing = [k for k in weights if k not in params]
-        if missing:
-            raise DepthcutError(f"cannot resume from {path}: {len(missing)} tensors do not fit this model")
+        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        if weights.keys() != params.keys() or any(weights[k].shape != params[k].shape for k in params):
+            raise DepthcutError(f"cannot resume from {path}: its trained tensors do not fit this model")
         with torch.no_grad():
             for k, v in weights.items():
                 params[k].copy_(v)

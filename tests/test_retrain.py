@@ -129,6 +129,17 @@ def test_resume_refuses_another_recipe(tmp_path):
                 progress=False)
 
 
+def test_resume_refuses_a_damaged_checkpoint(tmp_path):
+    from engine.errors import DepthcutError
+
+    data = _data(tiny_model("llama"))
+    cfg = RetrainConfig(steps=3, batch_size=2, save_every=2)
+    retrain(tiny_model("llama"), data, cfg, tmp_path, progress=False)
+    (tmp_path / "checkpoints" / "step-00000002" / "optimizer.pt").write_bytes(b"truncated")
+    with pytest.raises(DepthcutError, match="damaged checkpoint"):
+        retrain(tiny_model("llama"), data, cfg, tmp_path, resume=True, progress=False)
+
+
 def test_window_order_is_a_pure_function_of_the_step():
     n, g = 10, 4
     first_epoch = torch.cat([window_order(s, g, n, seed=1) for s in range(3)])[:n]
