@@ -112,6 +112,38 @@ def linear_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return _LinearNLL.apply(hidden, weight, targets, softcap)
 
 
+class _LinearNLLSumEager(torch.autograd.Function):
+    """sum(nll) whose hidden gradient the CPU op computes in the forward, from the same logit tiles."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap):
+        nll, _, grad_hidden = torch.ops.depthcut.linear_nll_forward_grad(hidden, weight, targets,
+                                                                          float(softcap or 0.0), 0)
+        ctx.save_for_backward(grad_hidden)
+        return nll.sum()
+
+    @staticmethod
+    def backward(ctx, grad_sum):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_sum.to(grad_hidden.dtype), None, None, None
+
+
+def linear_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   softcap: float | None = None) -> torch.Tensor:
+    """sum(linear_nll(...)) as a 0-d fp32 tensor: the training loss.
+
+    With a frozen head (LoRA) on the CPU, the hidden gradient is computed during the forward
+    (two head GEMMs instead of three: no logit recomputation) and the backward only scales
+    it; otherwise this is linear_nll(...).sum().
+    """
+    eager = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+             and _backend(hidden.device) == "ext" and _has_ext_op("linear_nll_forward_grad", hidden.device))
+    if not eager:
+        return linear_nll(hidden, weight, targets, softcap).sum()
+    _check_targets(targets, weight.shape[0])
+    return _LinearNLLSumEager.apply(hidden, weight, targets, softcap)
+
+
 def _kl_forward(hs, ws, ht, wt, targets, softcap_s, softcap_t):
     backend = _backend(hs.device)
     if backend == "ext" and _has_ext_op("linear_kl_forward", hs.device):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path, atomic_write
 from .errors import DepthcutError
 from .evaluate import perplexity
-from .kernels import linear_kl, linear_nll
+from .kernels import linear_kl, linear_nll_sum
 from .models import ModelAdapter
 from .train_data import IGNORE_INDEX, TrainingSet
 
@@ -151,7 +151,7 @@ class CausalLMLoss(nn.Module):
             return nll, kl
         hidden = self._final_hidden(self.model, ids)
         weight = self.adapter.lm_head_weight.to(hidden.dtype)
-        nll = linear_nll(hidden, weight, targets, self.adapter.logit_softcap).sum()
+        nll = linear_nll_sum(hidden, weight, targets, self.adapter.logit_softcap)
         kl = nll.new_zeros(())
         if self.teacher:
             with torch.no_grad():
@@ -360,7 +360,8 @@ def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, t
     a = cfg.distill_weight
     bar = tqdm(total=total, initial=step, desc=f"retrain ({cfg.method})", unit="step",
                disable=not (progress and accelerator.is_main_process))
-    t_start, tokens_timed = time.perf_counter(), 0
+    train_seconds = eval_seconds = 0.0  # this process's steps, and its evaluations apart
+    tokens_timed = 0
     while step < total:
         t0 = time.perf_counter()
         order = window_order(step, global_batch, n_windows, cfg.seed)
@@ -388,6 +389,7 @@ def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, t
         nll_mean, kl_mean = (sums / count).tolist()
         dt = time.perf_counter() - t0
         tokens_timed += global_batch * seq_len
+        train_seconds += dt
         entry = {"step": step, "tokens": step * global_batch * seq_len, "loss": (1 - a) * nll_mean + a * kl_mean,
                  "nll": nll_mean, "lr": lr, "tok_s": round(global_batch * seq_len / dt, 1), "seconds": round(dt, 3)}
         if a > 0:
@@ -397,7 +399,9 @@ def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, t
         if not math.isfinite(entry["loss"]):
             raise DepthcutError(f"training loss became {entry['loss']} at step {step}; lower --lr")
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total) and len(eval_ids):
+            t_eval = time.perf_counter()
             entry["eval_ppl"] = _evaluate(train_model, eval_ids)
+            eval_seconds += time.perf_counter() - t_eval
         if accelerator.is_main_process:
             log.append(_append(log_path, entry))
         bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tok_s']:.0f}")
@@ -405,7 +409,6 @@ def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, t
         if cfg.save_every and (step % cfg.save_every == 0) and step < total:
             checkpoints.save(accelerator, step, train_model, optimizer, scheduler, recipe)
     bar.close()
-    elapsed = time.perf_counter() - t_start
 
     train_model.eval()
     final, adapter_dir = train_model, None
@@ -421,8 +424,8 @@ def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, t
     summary = {"recipe": recipe, "data": data.describe(), "steps": total, "global_batch": global_batch,
                "tokens": total * global_batch * seq_len, "final_loss": losses[-1] if losses else None,
                "perplexity_before": ppl_before, "perplexity_after": ppl_after,
-               "train_seconds": round(elapsed, 1),
-               "tokens_per_second": round(tokens_timed / elapsed, 1) if elapsed > 0 and tokens_timed else None,
+               "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+               "tokens_per_second": round(tokens_timed / train_seconds, 1) if tokens_timed else None,
                "resumed_from_step": int(_CKPT.match(start_ckpt.name).group(1)) if start_ckpt else None}
     return RetrainResult(final, log, summary, adapter_dir, accelerator.is_main_process)
 
