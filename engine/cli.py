@@ -72,6 +72,8 @@ def torch_oom() -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .retrain import METHODS
+
     parser = argparse.ArgumentParser(prog="depthcut", description="Depth pruning of decoder LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -98,8 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--out", required=True, help="output folder")
     _add_gguf(p, required=False)
-    from .retrain import METHODS
-
     p.add_argument("--retrain", choices=METHODS, help="retrain the cut model before saving (lora or full)")
     _add_training(p, prefix="retrain-")
     p.set_defaults(func=cmd_prune)
@@ -168,6 +168,7 @@ def _add_training(p, prefix: str):
     """Retraining flags; `prune` takes them with a "retrain-" prefix (its --seq-len and --seed
     are the calibration's)."""
     from .retrain import LOSSES
+
     g = p.add_argument_group("retraining")
     f = f"--{prefix}"
     g.add_argument(f"{f}data", action="append", default=[], metavar="FILE",
@@ -306,6 +307,11 @@ def cmd_prune(args):
         check_ratio(args.ratio)  # before the slow load
     t = _training_args(args, "retrain-")
     plan = _training_plan(t, args.retrain) if args.retrain else None
+    if not args.retrain:
+        defaults = _training_args(build_parser().parse_args(["prune", "--remove", "1", "--out", "-"]), "retrain-")
+        stray = sorted(f"--retrain-{k.replace('_', '-')}" for k, v in t.items() if v != defaults[k])
+        if stray:
+            raise DepthcutError(f"{', '.join(stray)} given without --retrain lora|full")
     model, tokenizer = _load(args)
     n = model.config.num_hidden_layers
     protect = _protect(args)

@@ -80,6 +80,8 @@ def test_bad_retraining_input(tiny_model_dir, other_tokenizer_dir, tmp_path, cap
         (["--steps", 1, "--data", short, "--dataset", "x"], "not both"),
         (["--steps", 1, "--seq-len", 1], "--seq-len must be at least 2"),
     ]
+    expect_error(capsys, run("prune", tiny_model_dir, "--remove", 1, "--retrain-steps", 3, "--out", tmp_path / "never"),
+                 "--retrain-steps given without --retrain")
     for extra, message in cases:
         out = tmp_path / "never"
         expect_error(capsys, run("retrain", tiny_model_dir, *TRAIN, *extra, "--out", out), message)
