@@ -1,6 +1,6 @@
 // CPU kernels: fused linear + log-softmax + NLL (forward, backward with and without
-// the head weight gradient) and the Taylor saliency reduction. The shared row loops and
-// the work split are in cpu_rows.h.
+// the head weight gradient, forward with the hidden gradient for a frozen head) and the
+// Taylor saliency reduction. The shared row loops and the work split are in cpu_rows.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -45,6 +45,27 @@ DC_MULTIVERSION void nll_grad_row(const float* z, float* out, int64_t n, float l
   }
 }
 
+// The logit tile g of tile t becomes d(sum_r gp[r] * nll_r) / d raw logits in place, row
+// by row: gp[r] * (softmax - onehot(target)) * dcap; rows with gp[r] == 0 (ignored
+// targets) become zero. z: scratch of t.nc floats.
+void nll_grad_tile(const at::Tensor& g, const Tile& t, const int64_t* tgt, const float* lse, const float* gp,
+                   float softcap, float* z) {
+  for (int64_t i = 0; i < t.nr; ++i) {
+    const int64_t r = t.r0 + i;
+    if (gp[r] == 0.0f) {
+      zero_tile_row(g, i);
+      continue;
+    }
+    const float* zin = tile_row(g, i, z, softcap);
+    const int64_t target = tgt[r];
+    const bool hit = target >= t.c0 && target < t.c0 + t.nc;
+    const float zt = hit ? zin[target - t.c0] : 0.0f;
+    nll_grad_row(zin, z, t.nc, lse[r], gp[r], softcap);
+    if (hit) z[target - t.c0] -= gp[r] * (softcap > 0.0f ? 1.0f - (zt / softcap) * (zt / softcap) : 1.0f);
+    store_tile_row(z, g, i);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_nll_forward_cpu(
     const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in, double softcap_d,
     int64_t chunk) {
@@ -84,6 +105,66 @@ std::tuple<at::Tensor, at::Tensor> linear_nll_forward_cpu(
   return {nll, lse};
 }
 
+// nll, lse and d(sum nll) / d hidden in one pass, for a frozen head under a loss that is a
+// plain sum of NLLs (LoRA; docs/DESIGN.md, "Retraining"). Each task owns a row block and
+// holds its logits over the whole vocabulary: chunk by chunk, the logit GEMM and the online
+// max/sum while the chunk is in cache; then the buffer becomes the logit gradient in place
+// and one GEMM with the weight gives the block's hidden gradient. Two head GEMMs, not the
+// three of forward + backward (which recomputes the logits).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_nll_forward_grad_cpu(
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in, double softcap_d,
+    int64_t chunk) {
+  constexpr const char* op = "linear_nll_forward_grad";
+  check_head(hidden_in, weight_in, op, "hidden", "weight");
+  check_targets(targets_in, hidden_in.size(0), weight_in.size(0), op);
+  TORCH_CHECK(weight_in.size(0) > 0, op, ": weight has no rows (empty vocabulary)");
+  const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(), targets = targets_in.contiguous();
+  const int64_t M = hidden.size(0), V = weight.size(0);
+  const float softcap = static_cast<float>(softcap_d);
+  const int64_t vchunk = std::min(chunk > 0 ? chunk : kDefaultChunk, V);
+  const Split sp = make_row_split(M, V, hidden.element_size());
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor nll = at::empty({M}, f32), lse = at::empty({M}, f32);
+  at::Tensor grad_hidden = at::empty_like(hidden);
+  // Unit upstream gradient, none for ignored targets.
+  const at::Tensor gn = targets.ne(kIgnoreIndex).to(at::kFloat);
+  const int64_t* tgt = targets.const_data_ptr<int64_t>();
+  const float* gp = gn.const_data_ptr<float>();
+  float* nllp = nll.mutable_data_ptr<float>();
+  float* lsep = lse.mutable_data_ptr<float>();
+
+  sweep(sp, [&] {
+    return [&, buf = at::empty({sp.rows * V}, hidden.options()), zrow = std::vector<float>(V),
+            mx = std::vector<float>(sp.rows), sm = std::vector<float>(sp.rows),
+            zt = std::vector<float>(sp.rows)](const Tile& t) mutable {
+      const at::Tensor logits = view2d(buf, t.nr, V);
+      const at::Tensor h = hidden.narrow(0, t.r0, t.nr);
+      std::fill_n(mx.begin(), t.nr, -std::numeric_limits<float>::infinity());
+      std::fill_n(sm.begin(), t.nr, 0.0f);
+      std::fill_n(zt.begin(), t.nr, 0.0f);
+      for (int64_t c0 = 0; c0 < V; c0 += vchunk) {
+        const int64_t nc = std::min(vchunk, V - c0);
+        at::Tensor tile = logits.narrow(1, c0, nc);
+        at::mm_out(tile, h, weight.narrow(0, c0, nc).t());
+        for (int64_t i = 0; i < t.nr; ++i) {
+          const float* z = tile_row(tile, i, zrow.data(), softcap);
+          online_lse(z, nc, mx[i], sm[i]);
+          const int64_t target = tgt[t.r0 + i];
+          if (target >= c0 && target < c0 + nc) zt[i] = z[target - c0];
+        }
+      }
+      for (int64_t i = 0, r = t.r0; i < t.nr; ++i, ++r) {
+        lsep[r] = mx[i] + std::log(sm[i]);
+        nllp[r] = gp[r] != 0.0f ? lsep[r] - zt[i] : 0.0f;
+      }
+      nll_grad_tile(logits, t, tgt, lsep, gp, softcap, zrow.data());
+      at::Tensor grad_rows = grad_hidden.narrow(0, t.r0, t.nr);
+      at::mm_out(grad_rows, logits, weight);
+    };
+  });
+  return {nll, lse, grad_hidden};
+}
+
 // grad_hidden (hidden's dtype) and, with weight_grad, grad_weight (fp32 [V, H]) of
 // sum(grad_nll * nll). Without the weight gradient, tasks are row blocks x vocabulary
 // ranges; with it, vocabulary ranges that each loop over all rows.
@@ -111,23 +192,8 @@ std::tuple<at::Tensor, at::Tensor> nll_backward(const at::Tensor& hidden_in, con
     return [&, buf = at::empty({sp.rows * sp.chunk}, hidden.options()),
             step = at::empty({std::max(sp.rows, sp.chunk) * H}, hidden.options()),
             zrow = std::vector<float>(sp.chunk)](const Tile& t) mutable {
-      // The logit tile becomes d/d raw logits in place, row by row.
       const at::Tensor g = logit_tile(buf, hidden, weight, t);
-      float* z = zrow.data();
-      for (int64_t i = 0; i < t.nr; ++i) {
-        const int64_t r = t.r0 + i;
-        if (gp[r] == 0.0f) {
-          zero_tile_row(g, i);
-          continue;
-        }
-        const float* zin = tile_row(g, i, z, softcap);
-        const int64_t target = tgt[r];
-        const bool hit = target >= t.c0 && target < t.c0 + t.nc;
-        const float zt = hit ? zin[target - t.c0] : 0.0f;
-        nll_grad_row(zin, z, t.nc, lsep[r], gp[r], softcap);
-        if (hit) z[target - t.c0] -= gp[r] * (softcap > 0.0f ? 1.0f - (zt / softcap) * (zt / softcap) : 1.0f);
-        store_tile_row(z, g, i);
-      }
+      nll_grad_tile(g, t, tgt, lsep, gp, softcap, zrow.data());
       add_head_grads(g, hidden, weight, t, partial, grad_weight, step);
     };
   });
@@ -182,6 +248,7 @@ at::Tensor taylor_saliency_cpu(const at::Tensor& x_in, const at::Tensor& dy_in, 
 
 TORCH_LIBRARY_IMPL(depthcut, CPU, m) {
   m.impl("linear_nll_forward", &linear_nll_forward_cpu);
+  m.impl("linear_nll_forward_grad", &linear_nll_forward_grad_cpu);
   m.impl("linear_nll_backward", &linear_nll_backward_cpu);
   m.impl("linear_nll_backward_full", &linear_nll_backward_full_cpu);
   m.impl("taylor_saliency", &taylor_saliency_cpu);

@@ -13,6 +13,11 @@ TORCH_LIBRARY(depthcut, m) {
   m.def(
       "linear_nll_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_nll,"
       " float softcap, int chunk) -> Tensor");
+  // linear_nll_forward and d(sum nll) / d hidden (hidden's dtype; zero rows where ignored) together,
+  // for a frozen head: the gradient comes from the forward's logits, none are recomputed (CPU only).
+  m.def(
+      "linear_nll_forward_grad(Tensor hidden, Tensor weight, Tensor targets, float softcap, int chunk)"
+      " -> (Tensor nll, Tensor lse, Tensor grad_hidden)");
   // The same sweep with the head weight gradient too (full training; tied embeddings get it):
   // grad_hidden in hidden's dtype, grad_weight fp32 [V, H].
   m.def(

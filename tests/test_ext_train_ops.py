@@ -66,6 +66,60 @@ def test_nll_backward_full_matches_autograd(dtype, softcap, m, v, h):
         torch.testing.assert_close(grad_h.float(), alone.float(), **TOL[dtype])
 
 
+def _unit_nll_reference(hidden, weight, targets, softcap):
+    """float64 hidden leaf (its .grad: d(sum nll)/d hidden), capped logits and nll per row."""
+    h, _, z = _logits(hidden, weight, softcap)
+    nll = F.cross_entropy(z, targets, reduction="none")
+    nll.sum().backward()
+    return h, z, nll
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("m,v,h", SHAPES)
+def test_nll_forward_grad_matches_forward_and_autograd(dtype, softcap, m, v, h):
+    g = torch.Generator().manual_seed(m * 5 + v + h)
+    hidden, weight = _head(m, v, h, dtype, g)
+    targets = _targets(m, v, g)
+    hr, z, ref = _unit_nll_reference(hidden, weight, targets, softcap)
+
+    for chunk in (0, 64):
+        nll, lse, grad_h = ops.linear_nll_forward_grad(hidden, weight, targets, softcap, chunk)
+        assert nll.dtype == lse.dtype == torch.float32 and nll.shape == lse.shape == (m,)
+        assert grad_h.dtype == dtype and grad_h.shape == hidden.shape
+        # The same nll and lse as the forward op, ignored rows included.
+        nll_f, lse_f = ops.linear_nll_forward(hidden, weight, targets, softcap, chunk)
+        torch.testing.assert_close(nll, nll_f, **TOL[dtype])
+        torch.testing.assert_close(lse, lse_f, **TOL[dtype])
+        _close(nll, ref, dtype)
+        _close(lse, torch.logsumexp(z, -1), dtype)
+        _close(grad_h, hr.grad, dtype)
+        assert (nll[targets == -100] == 0).all() and (grad_h[targets == -100] == 0).all()
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("m", [1, 130, 300])
+def test_nll_forward_grad_is_independent_of_the_thread_count(softcap, m):
+    """The row blocks follow the thread count (one block of 130 rows on 1 thread, three on 3)."""
+    g = torch.Generator().manual_seed(m)
+    hidden, weight = _head(m, 1000, 40, torch.float32, g)
+    targets = _targets(m, 1000, g)
+    hr, _, ref = _unit_nll_reference(hidden, weight, targets, softcap)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            outs.append(ops.linear_nll_forward_grad(hidden, weight, targets, softcap, 100))
+    finally:
+        torch.set_num_threads(before)
+    (nll, lse, grad_h), (nll_3, lse_3, grad_h_3) = outs
+    _close(nll, ref, torch.float32)
+    _close(grad_h, hr.grad, torch.float32)
+    for got, want in [(nll_3, nll), (lse_3, lse), (grad_h_3, grad_h)]:
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 def _kl_reference(hs, ws, ht, wt, targets, softcap_s, softcap_t):
     """float64 leaves of the student, and KL(teacher || student) per row (0 where ignored)."""
     h, w, zs = _logits(hs, ws, softcap_s)
@@ -165,6 +219,9 @@ def test_training_ops_reject_bad_input():
     def nll_bwd(hidden=hs, weight=ws, targets=targets, lse=lse, grad_nll=grad):
         return ops.linear_nll_backward_full(hidden, weight, targets, lse, grad_nll, 0.0, 0)
 
+    def nll_fwd_grad(hidden=hs, weight=ws, targets=targets):
+        return ops.linear_nll_forward_grad(hidden, weight, targets, 0.0, 0)
+
     bad_targets = targets.clone()
     bad_targets[1] = 97
     cases = [
@@ -183,6 +240,15 @@ def test_training_ops_reject_bad_input():
         (lambda: nll_bwd(targets=bad_targets), "targets outside"),
         (lambda: nll_bwd(lse=lse[:2]), "linear_nll_backward_full: lse must be \\[M\\]"),
         (lambda: nll_bwd(grad_nll=torch.ones(5)), "linear_nll_backward_full: grad_nll must be \\[M\\]"),
+        (lambda: nll_fwd_grad(hidden=hs[0]), "linear_nll_forward_grad: hidden \\[M,H\\] and weight \\[V,H\\]"),
+        (lambda: nll_fwd_grad(weight=ws[:, :8]), "linear_nll_forward_grad: hidden and weight disagree on H"),
+        (lambda: nll_fwd_grad(weight=ws.bfloat16()), "linear_nll_forward_grad: hidden and weight dtypes differ"),
+        (lambda: nll_fwd_grad(hidden=hs.half(), weight=ws.half()), "float32 or bfloat16 expected, got Half"),
+        (lambda: nll_fwd_grad(targets=bad_targets), "linear_nll_forward_grad: 1 targets outside \\[0, 97\\)"),
+        (lambda: nll_fwd_grad(targets=torch.full((4,), -1)), "4 targets outside"),
+        (lambda: nll_fwd_grad(targets=targets.int()), "linear_nll_forward_grad: targets must be int64"),
+        (lambda: nll_fwd_grad(targets=targets[:3]), "linear_nll_forward_grad: targets must be \\[M\\]"),
+        (lambda: nll_fwd_grad(weight=ws[:0], targets=torch.full((4,), -100)), "weight has no rows"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):

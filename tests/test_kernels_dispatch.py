@@ -210,3 +210,28 @@ def test_decode_ops_cuda_are_triton(monkeypatch, mode):
 
     monkeypatch.setenv("DEPTHCUT_BACKEND", mode)
     assert kernels.decode_ops(torch.device("cuda"), torch.bfloat16)[2] is K.decode_attention
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_linear_nll_sum_with_a_frozen_head(backend, softcap, monkeypatch):
+    """The training loss: on the CPU op the hidden gradient comes from the forward; it must equal autograd's."""
+    hidden, weight, targets = _inputs(41, 211, 24, torch.float32, seed=4)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    calls = []
+    if backend == "auto":
+        monkeypatch.setattr(kernels._LinearNLLSumEager, "apply", _recording(kernels._LinearNLLSumEager.apply, calls))
+    loss = kernels.linear_nll_sum(h1, weight, targets, softcap)
+    (3.0 * loss).backward()
+    ref = _full_logits(h2, weight, targets, softcap).sum()
+    (3.0 * ref).backward()
+    assert loss.dim() == 0 and calls == ([1] if backend == "auto" else [])
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-5)
+
+
+def _recording(fn, calls):
+    def wrapped(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapped
