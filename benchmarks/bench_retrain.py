@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import engine  # noqa: E402
 from engine.demo import HEAL  # noqa: E402
-from engine.kernels import linear_nll  # noqa: E402
+from engine.kernels import linear_nll_sum  # noqa: E402
 from engine.retrain import RetrainConfig, retrain  # noqa: E402
 from engine.speed import machine  # noqa: E402
 from engine.train_data import TrainingSet  # noqa: E402
@@ -64,7 +64,7 @@ def worker(folder: str, loss: str, steps: int, batch: int, checkpointing: bool) 
 
 
 def head_alone(hidden_size: int, vocab: int, tokens: int, reps: int = 5) -> dict:
-    """The LM head's forward + backward: logits and cross-entropy vs the fused kernel."""
+    """The frozen LM head's forward + backward (LoRA): logits and cross-entropy vs the training loss's kernel."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, hidden_size, generator=g, requires_grad=True)
     w = torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5
@@ -74,7 +74,7 @@ def head_alone(hidden_size: int, vocab: int, tokens: int, reps: int = 5) -> dict
         F.cross_entropy(h @ w.T, t, reduction="sum").backward()
 
     def fused():
-        linear_nll(h, w, t).sum().backward()
+        linear_nll_sum(h, w, t).backward()
 
     out = {}
     for name, fn in (("logits", hf), ("fused", fused)):

@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -365,19 +366,9 @@ def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, t
     while step < total:
         t0 = time.perf_counter()
         order = window_order(step, global_batch, n_windows, cfg.seed)
-        labels_all = data.train_labels[order]
-        count = max(1, int((labels_all[:, 1:] != IGNORE_INDEX).sum()))  # the same on every process
-        mine = order.view(world, cfg.grad_accum, cfg.batch_size)[rank]
-        sums = torch.zeros(2, dtype=torch.float64)
-        for k in range(cfg.grad_accum):
-            ids = data.train_ids[mine[k]].to(accelerator.device)
-            labels = data.train_labels[mine[k]].to(accelerator.device)
-            sync = k == cfg.grad_accum - 1
-            with (accelerator.no_sync(loss_module) if not sync and world > 1 else _nothing()):
-                nll, kl = loss_module(ids, labels)
-                loss = ((1 - a) * nll + a * kl) * (world / count)  # DDP averages over processes
-                accelerator.backward(loss)
-            sums += torch.stack([nll.detach(), kl.detach()]).double().cpu()
+        count = max(1, int((data.train_labels[order][:, 1:] != IGNORE_INDEX).sum()))  # the same on every process
+        sums = _accumulate_gradients(loss_module, data, order.view(world, cfg.grad_accum, cfg.batch_size)[rank],
+                                     a, world / count, accelerator)
         grad_norm = (accelerator.clip_grad_norm_(train_model.parameters(), cfg.max_grad_norm)
                      if cfg.max_grad_norm > 0 else None)
         lr = scheduler.get_last_lr()[0]
@@ -430,12 +421,23 @@ def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, t
     return RetrainResult(final, log, summary, adapter_dir, accelerator.is_main_process)
 
 
-class _nothing:
-    def __enter__(self):
-        return None
+def _accumulate_gradients(loss_module, data: TrainingSet, windows: torch.Tensor, a: float, scale: float,
+                          accelerator) -> torch.Tensor:
+    """Forward and backward this process's [grad_accum, batch] windows of one step; gradients
+    are synchronised across processes on the last one only. Returns the summed (NLL, KL).
 
-    def __exit__(self, *exc):
-        return False
+    The loss is scaled by processes / trained tokens of the whole global batch, because DDP
+    averages gradients: the result is the global mean over trained tokens, on any layout.
+    """
+    sums = torch.zeros(2, dtype=torch.float64)
+    for k, micro in enumerate(windows):
+        last = k == len(windows) - 1
+        with accelerator.no_sync(loss_module) if not last and accelerator.num_processes > 1 else nullcontext():
+            nll, kl = loss_module(data.train_ids[micro].to(accelerator.device),
+                                  data.train_labels[micro].to(accelerator.device))
+            accelerator.backward(((1 - a) * nll + a * kl) * scale)
+        sums += torch.stack([nll.detach(), kl.detach()]).double().cpu()
+    return sums
 
 
 def _evaluate(model, eval_ids: torch.Tensor) -> float:
