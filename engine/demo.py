@@ -100,7 +100,7 @@ def _heal(pruned, tokenizer, calib, eval_windows: int, card: dict, out: Path, cf
     windows; save it as out/healed-ppl and return what the report shows."""
     data = TrainingSet.from_default_text(tokenizer, calib.input_ids.shape[1], eval_windows, seed=calib.seed,
                                          calib_samples=len(calib.input_ids))
-    result = retrain(copy.deepcopy(pruned), data, cfg, out / "healed-ppl.train")
+    result = retrain(pruned, data, cfg, out / "healed-ppl.train")  # pruned is saved already and not used after
     s = result.summary
     save_model(result.model, tokenizer, out / "healed-ppl",
                {**card, "name": card["name"] + ", LoRA-retrained", "retraining": s},

@@ -85,13 +85,16 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict | None = None,
     return out_dir
 
 
+_LOADS = ["", "Loads with stock `transformers`: `AutoModelForCausalLM.from_pretrained(folder)`.", ""]
+
+
 def model_card(card: dict) -> str:
     """A short README saying what was removed, by which criterion, on what data, at what cost."""
     if "removed" not in card:  # retrained, not cut by depthcut
         return "\n".join([f"# {card.get('name', 'retrained model')}", "",
                           f"Retrained with depthcut from `{card.get('source', '?')}`."]
                          + _retraining_lines(card.get("retraining"))
-                         + ["", "Loads with stock `transformers`: `AutoModelForCausalLM.from_pretrained(folder)`.", ""])
+                         + _LOADS)
     lines = [
         f"# {card.get('name', 'depth-pruned model')}",
         "",
@@ -112,7 +115,7 @@ def model_card(card: dict) -> str:
         lines.append(f"- perplexity ({ppl.get('text', 'held-apart text')}): dense {ppl['dense']:.2f}, "
                      f"pruned {ppl['pruned']:.2f}")
     lines += _retraining_lines(card.get("retraining"))
-    lines += ["", "Loads with stock `transformers`: `AutoModelForCausalLM.from_pretrained(folder)`.", ""]
+    lines += _LOADS
     return "\n".join(lines)
 
 
