@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,18 +27,67 @@ def _dtype(name: str | None):
     return getattr(torch, DTYPES[name]) if DTYPES.get(name) else None
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _bounded(kind, low, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite int or float within the bounds, so that a bad count or
+    rate is one usage line naming the flag (exit 2), before anything is loaded."""
+    if high is None:
+        rule = f"> {low}" if low_open else f"at least {low}"
+    else:
+        rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: '{text}'") from None
+        above = value > low if low_open else value >= low
+        below = high is None or (value < high if high_open else value <= high)
+        if not (above and below and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _bounded(int, 1)
+_non_negative_int = _bounded(int, 0)
+_window = _bounded(int, 2)  # tokens per window: one to predict from, one to predict
+_seed = _bounded(int, 0, 2**32 - 1)
+_positive = _bounded(float, 0, low_open=True)
+_non_negative = _bounded(float, 0)
+_fraction = _bounded(float, 0, 1)
+
+
+def _int_list(low: int):
+    """An argparse type: comma-separated integers, each at least ``low``, none twice."""
+    item = _bounded(int, low)
+
+    def parse(text: str) -> list[int]:
+        values = [item(x.strip()) for x in text.split(",") if x.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"no values in '{text}'")
+        if len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError(f"'{text}' names a value twice")
+        return values
+
+    return parse
 
 
 def _size(text: str) -> int:
-    """'8GiB', '512MiB', '2e9' -> bytes."""
+    """'8GiB', '512MiB', '2e9' -> bytes, at least one."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    low = text.strip().lower()
-    for unit, mult in units.items():
-        if low.endswith(unit):
-            return int(float(low[: -len(unit)]) * mult)
-    return int(float(low))
+    number, mult = text.strip().lower(), 1
+    for unit, unit_bytes in units.items():
+        if number.endswith(unit):
+            number, mult = number[: -len(unit)], unit_bytes
+            break
+    try:
+        size = float(number) * mult
+    except ValueError:
+        size = math.nan
+    if not (math.isfinite(size) and size >= 1):
+        raise argparse.ArgumentTypeError(f"not a positive size such as 8GiB, 512MiB or 2e9: '{text}'")
+    return int(size)
 
 
 def _add_model(p):
@@ -48,20 +99,23 @@ def _add_model(p):
 def _add_calibration(p):
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", help="text or jsonl file (default: CPython's pydoc_data.topics)")
-    g.add_argument("--n-samples", type=int, default=10)
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--n-samples", type=_positive_int, default=10)
+    g.add_argument("--seq-len", type=_window, default=128)
+    g.add_argument("--seed", type=_seed, default=1234)
 
 
 def _add_scoring(p):
     g = p.add_argument_group("scoring")
     g.add_argument("--backend", choices=("fused", "reference"), default="fused")
     g.add_argument("--compute-dtype", choices=sorted(DTYPES), default="auto",
-                   help="precision of the fused pass (bf16 is ~3x faster on CPUs)")
-    g.add_argument("--window", type=int, action="append", default=[], help="angular-distance window (repeatable)")
+                   help="precision of the fused pass; auto: bf16 on CPUs with native bf16 (AVX512-BF16, AMX "
+                        "or Arm BF16; ~1.8x faster there, several times slower where emulated), else fp32; "
+                        "on a GPU the model's dtype. fp16 is GPU-only")
+    g.add_argument("--window", type=_positive_int, action="append", default=[],
+                   help="angular-distance window (repeatable)")
     g.add_argument("--max-memory", type=_size, default=None, help="memory budget of the pass, e.g. 8GiB")
-    g.add_argument("--keep-first", type=int, default=4, help="'+' heuristic: first blocks never pruned")
-    g.add_argument("--keep-last", type=int, default=2, help="'+' heuristic: last blocks never pruned")
+    g.add_argument("--keep-first", type=_non_negative_int, default=4, help="'+' heuristic: first blocks never pruned")
+    g.add_argument("--keep-last", type=_non_negative_int, default=2, help="'+' heuristic: last blocks never pruned")
     g.add_argument("--no-protect", action="store_true", help="switch the '+' heuristic off")
 
 
@@ -82,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration(p)
     _add_scoring(p)
     p.add_argument("--criteria", default="ppl,taylor,magnitude", help="from ppl,taylor,magnitude,bi,angular")
-    p.add_argument("--iterative", type=int, default=0, metavar="K", help="also SLEB iterative PPL for K removals")
+    p.add_argument("--iterative", type=_non_negative_int, default=0, metavar="K",
+                   help="also SLEB iterative PPL for K removals")
     p.add_argument("--out", default="scores.json", help="JSON out; the PNG chart goes beside it")
+    _add_force(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("prune", help="remove blocks and save the shallower model")
@@ -91,17 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration(p)
     _add_scoring(p)
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--remove", type=int, help="number of blocks to remove")
+    how.add_argument("--remove", type=_positive_int, help="number of blocks to remove")
     how.add_argument("--ratio", type=float, help="fraction of blocks to remove")
-    how.add_argument("--blocks", help="explicit comma-separated block indices")
+    how.add_argument("--blocks", type=_int_list(0), help="explicit comma-separated block indices")
     p.add_argument("--criterion", default="ppl", help="ppl, taylor, magnitude, bi, angular<n> or ppl_iterative")
     p.add_argument("--scores", help="reuse a scores JSON instead of scoring")
     p.add_argument("--eval", action="store_true", help="report dense and pruned perplexity on held-apart windows")
-    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--eval-windows", type=_positive_int, default=40)
     p.add_argument("--out", required=True, help="output folder")
     _add_gguf(p, required=False)
     p.add_argument("--retrain", choices=METHODS, help="retrain the cut model before saving (lora or full)")
     _add_training(p, prefix="retrain-")
+    _add_force(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("retrain", help="heal a cut model: LoRA or full retraining, optionally distilled")
@@ -110,18 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(p, prefix="")
     p.add_argument("--out", required=True, help="output folder (a plain transformers model)")
     _add_gguf(p, required=False)
+    _add_force(p)
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("export", help="write a model (e.g. a pruned folder) as a GGUF file for llama.cpp")
     _add_model(p)
     _add_gguf(p, required=True)
+    _add_force(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="perplexity by the paper's protocol")
     _add_model(p)
     p.add_argument("--text", help="text or jsonl file (default: CPython's pydoc_data.topics)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--max-windows", type=int, default=0, help="evaluate only the first N windows (0 = all)")
+    p.add_argument("--seq-len", type=_window, default=128)
+    p.add_argument("--max-windows", type=_non_negative_int, default=0,
+                   help="evaluate only the first N windows (0 = all)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text; prints prefill time and decode tokens/s")
@@ -138,28 +198,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="the paper's speed protocol: runtime vs HF generate, dense vs pruned")
     _add_model(p)
     p.add_argument("--shape", choices=("llama7b", "smollm2"), help="random-weight model of this shape instead")
-    p.add_argument("--keep", type=int, help="blocks the pruned variant keeps (default: 80%%)")
-    p.add_argument("--batch-sizes", type=_ints, help="e.g. 1,8,16 (default: SPEC grid on GPU, 1 on CPU)")
-    p.add_argument("--new-tokens", type=_ints, help="e.g. 128,512")
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--runs", type=int)
+    p.add_argument("--keep", type=_positive_int, help="blocks the pruned variant keeps (default: 80%%)")
+    p.add_argument("--batch-sizes", type=_int_list(1), help="e.g. 1,8,16 (default: 1,8,16,32,64,128,256 on GPU, 1 on CPU)")
+    p.add_argument("--new-tokens", type=_int_list(1), help="e.g. 128,512")
+    p.add_argument("--warmup", type=_non_negative_int)
+    p.add_argument("--runs", type=_positive_int)
     p.add_argument("--runtime-dtypes", default=None, help="comma list of runtime weight dtypes (auto,fp32,bf16,fp16; default: "
                    "auto on GPUs, fp32,fp16 on CPUs)")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     p.add_argument("--out", default="bench", help="folder for speed.json and speed.png")
+    _add_force(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole job on the bundled SmolLM2: score, prune 3 ways, evaluate, "
                                     "heal the PPL-pruned model with LoRA")
     p.add_argument("--out", default="out")
-    p.add_argument("--remove", type=int, default=6)
+    p.add_argument("--remove", type=_positive_int, default=6)
     p.add_argument("--no-heal", action="store_true", help="skip the LoRA retraining (about two minutes)")
+    _add_force(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -175,31 +237,32 @@ def _add_training(p, prefix: str):
                    help="text, jsonl (text or chat messages) or parquet file, repeatable "
                         "(default: CPython's pydoc text, minus calibration and evaluation windows)")
     g.add_argument(f"{f}dataset", metavar="NAME[:CONFIG]", help="a Hugging Face dataset (train split, streamed)")
-    g.add_argument(f"{f}seq-len", type=int, default=128, help="tokens per packed training window")
-    g.add_argument(f"{f}batch-size", type=int, default=8, help="windows per process per forward")
-    g.add_argument(f"{f}grad-accum", type=int, default=1, help="forwards per optimiser step")
-    g.add_argument(f"{f}global-batch", type=int,
+    g.add_argument(f"{f}seq-len", type=_window, default=128, help="tokens per packed training window")
+    g.add_argument(f"{f}batch-size", type=_positive_int, default=8, help="windows per process per forward")
+    g.add_argument(f"{f}grad-accum", type=_positive_int, default=1, help="forwards per optimiser step")
+    g.add_argument(f"{f}global-batch", type=_positive_int,
                    help="windows per optimiser step; sets --grad-accum from the batch size and process count")
     how = g.add_mutually_exclusive_group()
-    how.add_argument(f"{f}tokens", type=int, help="train on this many tokens")
-    how.add_argument(f"{f}steps", type=int, help="train for this many optimiser steps")
-    g.add_argument(f"{f}lr", type=float, help="peak learning rate (default 1e-4, as the paper)")
-    g.add_argument(f"{f}warmup", type=int, help="warm-up steps (default 5%% of the run, at most 100)")
-    g.add_argument(f"{f}weight-decay", type=float, help="AdamW weight decay (default: lora 0, full 0.1)")
-    g.add_argument(f"{f}max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    g.add_argument(f"{f}lora-rank", type=int, default=8)
-    g.add_argument(f"{f}lora-alpha", type=float, default=16.0)
-    g.add_argument(f"{f}lora-dropout", type=float, default=0.05)
-    g.add_argument(f"{f}seed", type=int, default=1234, help="data order and adapter initialisation")
-    g.add_argument(f"{f}eval-every", type=int, default=0, help="evaluate perplexity every N steps (0: at the end)")
-    g.add_argument(f"{f}eval-windows", type=int, default=40, help="windows kept apart for evaluation")
-    g.add_argument(f"{f}save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    how.add_argument(f"{f}tokens", type=_positive_int, help="train on this many tokens")
+    how.add_argument(f"{f}steps", type=_positive_int, help="train for this many optimiser steps")
+    g.add_argument(f"{f}lr", type=_positive, help="peak learning rate (default 1e-4, as the paper)")
+    g.add_argument(f"{f}warmup", type=_non_negative_int, help="warm-up steps (default 5%% of the run, at most 100)")
+    g.add_argument(f"{f}weight-decay", type=_non_negative, help="AdamW weight decay (default: lora 0, full 0.1)")
+    g.add_argument(f"{f}max-grad-norm", type=_non_negative, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument(f"{f}lora-rank", type=_positive_int, default=8)
+    g.add_argument(f"{f}lora-alpha", type=_positive, default=16.0)
+    g.add_argument(f"{f}lora-dropout", type=_bounded(float, 0, 1, high_open=True), default=0.05)
+    g.add_argument(f"{f}seed", type=_seed, default=1234, help="data order and adapter initialisation")
+    g.add_argument(f"{f}eval-every", type=_non_negative_int, default=0,
+                   help="evaluate perplexity every N steps (0: at the end)")
+    g.add_argument(f"{f}eval-windows", type=_non_negative_int, default=40, help="windows kept apart for evaluation")
+    g.add_argument(f"{f}save-every", type=_non_negative_int, default=0, help="checkpoint every N steps (0: never)")
     g.add_argument(f"{f}resume", action="store_true", help="continue from the last checkpoint")
     g.add_argument(f"{f}save-adapter", action="store_true", help="also keep the LoRA adapter folder")
     g.add_argument(f"{f}gradient-checkpointing", action="store_true", help="recompute block activations")
     g.add_argument(f"{f}loss", choices=LOSSES, default="fused",
                    help="fused: depthcut's kernels, no logits; hf: the model's own logits (to compare)")
-    g.add_argument(f"{f}distill-weight", type=float, default=0.0,
+    g.add_argument(f"{f}distill-weight", type=_fraction, default=0.0,
                    help="a in a*KL(teacher||student) + (1-a)*NLL; the teacher is the dense model")
     if not prefix:
         g.add_argument("--teacher", help="dense model to distil from (folder, hub name or .gguf)")
@@ -209,6 +272,45 @@ def _training_args(args, prefix: str) -> dict:
     """The retraining flags of `args` without their prefix."""
     key = prefix.replace("-", "_")
     return {name[len(key):]: value for name, value in vars(args).items() if name.startswith(key)} if key else vars(args)
+
+
+def _add_force(p):
+    p.add_argument("--force", action="store_true",
+                   help="replace outputs depthcut did not write (a folder's other files are deleted)")
+
+
+def _check_outputs(args, folders=(), files=(), inputs=()) -> None:
+    """Before any slow work: every output may be written without losing anything, and no two
+    outputs, or an output and an input, are the same path (see docs/DESIGN.md, "Safety")."""
+    from .outputs import check_output
+
+    given = [p for p in inputs if p is not None]
+    outs = [(check_output(p, folder=True, inputs=given, force=args.force), True) for p in folders if p is not None]
+    outs += [(check_output(p, folder=False, inputs=given, force=args.force), False) for p in files if p is not None]
+    for i, (a, _) in enumerate(outs):
+        for b, b_folder in outs[i + 1:] + outs[:i]:
+            if a == b or (b_folder and b in a.parents):
+                raise DepthcutError(f"outputs collide: {a} and {b}; give them separate paths")
+
+
+def _check_precision(args, training_loss: str | None = None) -> None:
+    """Precisions this machine cannot run, refused before the slow load."""
+    import torch
+
+    from .models import compute_dtype, default_device
+    from .retrain import check_training_dtype
+
+    device = default_device()
+    if getattr(args, "compute_dtype", None):
+        compute_dtype(device, torch.float32, _dtype(args.compute_dtype))
+    if training_loss:
+        check_training_dtype(torch.empty(0, device=device, dtype=_dtype(args.dtype) or torch.float32), training_loss)
+
+
+def _run_dir(out) -> Path:
+    """Where retraining keeps its checkpoints and live log: beside the output folder."""
+    out = Path(out)
+    return out.with_name(out.name + ".train")
 
 
 def _add_gguf(p, required: bool):
@@ -224,7 +326,7 @@ def _export(args, model, tokenizer):
 
     source = str(args.model) if args.model else str(default_model_path())
     pre = gguf_tokenizer_pre(source) if source.endswith(".gguf") else None
-    path = export_gguf(model, tokenizer, args.gguf, args.type, tokenizer_pre=pre)
+    path = export_gguf(model, tokenizer, args.gguf, args.type, tokenizer_pre=pre, force=args.force)
     print(f"wrote {path} ({args.type}, {path.stat().st_size / 2**20:.1f} MiB)")
 
 
@@ -253,6 +355,10 @@ def _load(args):
 def _score(args, model, calibration, criteria, iterative=0):
     from .scoring import score
 
+    n = model.config.num_hidden_layers
+    if not _protect(args).allowed(n):
+        raise DepthcutError(f"--keep-first {args.keep_first} and --keep-last {args.keep_last} protect all {n} blocks; "
+                            "nothing could be pruned")
     return score(model, calibration, criteria, backend=args.backend, windows=args.window, iterative=iterative,
                  protect=_protect(args), max_memory=args.max_memory, dtype=_dtype(args.compute_dtype))
 
@@ -279,13 +385,18 @@ def _fmt(v) -> str:
 
 
 def cmd_score(args):
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        raise DepthcutError(f"--out names the scores JSON; the chart goes beside it ({out.with_suffix('.json')} "
+                            f"and {out})")
+    _check_outputs(args, files=[out, out.with_suffix(".png")], inputs=[args.model, args.calib])
+    _check_precision(args)
     model, tokenizer = _load(args)
     calibration = _calibration(args, tokenizer)
     scores = _score(args, model, calibration, args.criteria, args.iterative)
     protect = _protect(args)
-    out = Path(args.out)
-    scores.save_json(out, protect)
-    scores.plot(out.with_suffix(".png"), protect)
+    scores.save_json(out, protect, force=args.force)
+    scores.plot(out.with_suffix(".png"), protect, force=args.force)
     _print_scores(scores, protect)
     meta = scores.meta
     if "taylor_ppl_estimate_spearman" in meta:
@@ -295,13 +406,14 @@ def cmd_score(args):
         steps = ", ".join(f"{b} ({p:.2f})" for b, p in zip(meta["iterative"]["order"], meta["iterative"]["ppl_after_each"]))
         print(f"iterative PPL removal order (perplexity after each): {steps}")
     print(f"scored {scores.num_blocks} blocks on {calibration.num_tokens} tokens in {scores.meta['seconds']:.1f} s "
-          f"({scores.meta['backend']}); wrote {out} and {out.with_suffix('.png')}")
+          f"({meta['backend']}{'; ' + meta['compute_dtype'] if 'compute_dtype' in meta else ''}); "
+          f"wrote {out} and {out.with_suffix('.png')}")
 
 
 def cmd_prune(args):
     from .evaluate import perplexity
     from .pruner import blocks_for_ratio, check_ratio, prune_blocks, save_model
-    from .scores import BlockScores
+    from .scores import BlockScores, window_width
 
     if args.ratio is not None:
         check_ratio(args.ratio)  # before the slow load
@@ -312,15 +424,15 @@ def cmd_prune(args):
         stray = sorted(f"--retrain-{k.replace('_', '-')}" for k, v in t.items() if v != defaults[k])
         if stray:
             raise DepthcutError(f"{', '.join(stray)} given without --retrain lora|full")
+    _check_outputs(args, folders=[args.out, _run_dir(args.out) if args.retrain else None], files=[args.gguf],
+                   inputs=[args.model, args.calib, args.scores, *t["data"]])
+    _check_precision(args, t["loss"] if args.retrain else None)
     model, tokenizer = _load(args)
     n = model.config.num_hidden_layers
     protect = _protect(args)
     calibration = None
     if args.blocks:
-        try:
-            blocks = sorted({int(b) for b in args.blocks.split(",") if b.strip()})
-        except ValueError:
-            raise DepthcutError(f"--blocks must be comma-separated integers, got '{args.blocks}'") from None
+        blocks = sorted(args.blocks)
         criterion = "explicit list"
     else:
         count = args.remove if args.remove is not None else blocks_for_ratio(n, args.ratio)
@@ -334,7 +446,7 @@ def cmd_prune(args):
             iterative = count if criterion == "ppl_iterative" else 0
             base = "ppl" if iterative else criterion.rstrip("0123456789")
             if base.startswith("angular"):
-                args.window = [int(criterion[len("angular"):] or 1)]
+                args.window = [window_width(criterion)]
             scores = _score(args, model, calibration, [base], iterative)
         blocks = scores.select(criterion, count, protect)
     heldout = None
@@ -366,7 +478,7 @@ def cmd_prune(args):
         card["retraining"] = result.summary
         rows += [[f"{row[0]} (retraining windows)", row[1], row[2]] for row in _report_retraining(result)]
         extra = lambda d: write_outputs(result, d)  # noqa: E731
-    save_model(model, tokenizer, args.out, card, extra=extra)
+    save_model(model, tokenizer, args.out, card, extra=extra, force=args.force)
     print(_table(rows, ["", "dense", "pruned"]))
     print(f"removed blocks {blocks} by {criterion}; saved to {args.out}")
     if args.gguf:
@@ -374,22 +486,19 @@ def cmd_prune(args):
 
 
 def _training_plan(t: dict, method: str):
-    """(accelerator, RetrainConfig) from the retraining flags in `t`, checked before any slow load."""
+    """(accelerator, RetrainConfig) from the retraining flags in `t`, checked before any slow load
+    (each flag's own range by its argparse type, their combinations here)."""
     from .retrain import RetrainConfig, make_accelerator
 
     if t["tokens"] is None and t["steps"] is None:
         raise DepthcutError("say how long to retrain: --tokens N or --steps N (with the prefix under prune)")
-    if t["eval_windows"] < 0:
-        raise DepthcutError(f"--eval-windows must be >= 0, got {t['eval_windows']}")
-    if t["seq_len"] < 2:
-        raise DepthcutError(f"--seq-len must be at least 2, got {t['seq_len']}")
     if t["data"] and t["dataset"]:
         raise DepthcutError("give training data as files (--data) or a dataset (--dataset), not both")
     accelerator = make_accelerator()
     grad_accum = t["grad_accum"]
     if t["global_batch"] is not None:
         per_step = t["batch_size"] * accelerator.num_processes
-        if t["global_batch"] < 1 or per_step < 1 or t["global_batch"] % per_step:
+        if t["global_batch"] % per_step:
             raise DepthcutError(f"--global-batch {t['global_batch']} is not a multiple of batch size x processes "
                                 f"({per_step})")
         grad_accum = t["global_batch"] // per_step
@@ -421,9 +530,8 @@ def _retrain(args, t: dict, plan, model, tokenizer, teacher=None, calibration=No
         calib = calibration.describe() if calibration is not None else {"n_samples": 10, "seed": 1234}
         data = TrainingSet.from_default_text(tokenizer, seq_len, t["eval_windows"], seed=calib["seed"],
                                              calib_samples=calib["n_samples"])
-    out = Path(args.out)
-    return retrain(model, data, cfg, out.with_name(out.name + ".train"), teacher=teacher, resume=t["resume"],
-                   accelerator=accelerator, keep_adapter=t["save_adapter"])
+    return retrain(model, data, cfg, _run_dir(args.out), teacher=teacher, resume=t["resume"],
+                   accelerator=accelerator, keep_adapter=t["save_adapter"], force=args.force)
 
 
 def _report_retraining(result) -> list[list]:
@@ -441,6 +549,9 @@ def cmd_retrain(args):
     plan = _training_plan(_training_args(args, ""), args.method)
     if args.distill_weight > 0 and not args.teacher:
         raise DepthcutError("--distill-weight needs a teacher: --teacher DENSE_MODEL")
+    _check_outputs(args, folders=[args.out, _run_dir(args.out)], files=[args.gguf],
+                   inputs=[args.model, args.teacher, *args.data])
+    _check_precision(args, args.loss)
     model, tokenizer = _load(args)
     teacher = None
     if args.teacher:
@@ -453,7 +564,7 @@ def cmd_retrain(args):
         return
     card = _source_card(args.model)
     card.update(name=Path(args.out).name, retraining=result.summary)
-    save_model(result.model, tokenizer, args.out, card, extra=lambda d: write_outputs(result, d))
+    save_model(result.model, tokenizer, args.out, card, extra=lambda d: write_outputs(result, d), force=args.force)
     print(_table(_report_retraining(result), ["", "before", "after"]))
     print(f"saved to {args.out} (train_log.jsonl, loss.png, model card)")
     if args.gguf:
@@ -472,6 +583,7 @@ def _source_card(model_spec) -> dict:
 
 
 def cmd_export(args):
+    _check_outputs(args, files=[args.gguf], inputs=[args.model])
     model, tokenizer = _load(args)
     _export(args, model, tokenizer)
 
@@ -480,8 +592,8 @@ def cmd_eval(args):
     from .calibration import default_text, read_text, tokenize_windows
     from .evaluate import perplexity
 
+    text = read_text(args.text) if args.text else default_text()  # a bad file fails before the slow load
     model, tokenizer = _load(args)
-    text = read_text(args.text) if args.text else default_text()
     windows = tokenize_windows(text, tokenizer, args.seq_len)
     if args.max_windows:
         windows = windows[: args.max_windows]
@@ -493,15 +605,40 @@ def cmd_eval(args):
                       "seconds": round(time.perf_counter() - t0, 2)}))
 
 
+class _TokenClock:
+    """A ``generate`` streamer that notes when each step's tokens arrive (its first call brings
+    the prompt): the time to the first new token, and the decode rate of the rest after it."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, tokens):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def cmd_generate(args):
     import torch
 
+    from .runtime import check_generation
+
+    if not args.prompt:
+        raise DepthcutError("--prompt is empty")
+    check_generation(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p)
     model, tokenizer = _load(args)
     text = args.prompt
     if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DepthcutError("--chat: the model's tokenizer has no chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and ids.shape[1] + args.max_new_tokens > context:
+        raise DepthcutError(f"{ids.shape[1]} prompt tokens and --max-new-tokens {args.max_new_tokens} exceed the "
+                            f"model's context of {context} tokens")
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.backend == "runtime":
         from .runtime import Runtime, default_weight_dtype
@@ -512,33 +649,36 @@ def cmd_generate(args):
         except ValueError as e:
             raise DepthcutError(f"{e} (use --backend hf)") from None
         generator = torch.Generator(device=ids.device).manual_seed(args.seed)
-        tokens, stats = runtime.generate(ids, max_new_tokens=args.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id],
-                                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                                         generator=generator, **sampling)
+        eos = tokenizer.eos_token_id
+        tokens, stats = runtime.generate(ids, max_new_tokens=args.max_new_tokens,
+                                         stop_token_ids=None if eos is None else [eos],
+                                         pad_token_id=tokenizer.pad_token_id or eos, generator=generator, **sampling)
         new = tokens[0]
         prefill_s, decode_tok_s = stats["prefill_s"], stats["decode_tok_s"]
         label = f"runtime, {str(weights).replace('torch.', '')} weights"
     else:
+        clock = _TokenClock()
         torch.manual_seed(args.seed)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            model(ids)  # prefill alone, timed separately like llama.cpp reports it
-            prefill_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=args.max_new_tokens, **sampling)
-            elapsed = time.perf_counter() - t0
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=clock, **sampling)
         new = out[0, ids.shape[1]:]
-        decode_tok_s = max(len(new) - 1, 1) / max(elapsed - prefill_s, 1e-9)
+        first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt, handed over before the prefill
+        prefill_s, steps = first - t0, len(clock.times) - 2
+        decode_tok_s = steps / (last - first) if steps and last > first else math.nan
         label = "hf"
+    decode = f"{decode_tok_s:.1f} tok/s" if math.isfinite(decode_tok_s) else "n/a, a single new token"
     print(tokenizer.decode(new, skip_special_tokens=True))
-    print(f"prefill {ids.shape[1]} tokens: {prefill_s * 1e3:.1f} ms; decode: {decode_tok_s:.1f} tok/s "
-          f"({label})", file=sys.stderr)
+    print(f"prefill {ids.shape[1]} tokens: {prefill_s * 1e3:.1f} ms; decode: {decode} ({label})", file=sys.stderr)
 
 
 def cmd_bench(args):
     from .runtime import default_weight_dtype
     from .speed import random_model, speed_protocol, tail_blocks
 
+    if args.shape and args.model:
+        raise DepthcutError("give a MODEL or --shape, not both")
+    _check_outputs(args, folders=[args.out], inputs=[args.model])
     model = random_model(args.shape) if args.shape else _load(args)[0]
     on_gpu = next(model.parameters()).device.type == "cuda"
     names = (args.runtime_dtypes or ("auto" if on_gpu else "fp32,fp16")).split(",")
@@ -549,7 +689,7 @@ def cmd_bench(args):
     result = speed_protocol(model, tail_blocks(n, args.keep or round(0.8 * n)), batch_sizes=args.batch_sizes,
                             new_tokens=args.new_tokens, warmup=args.warmup, runs=args.runs,
                             dtypes=list(dict.fromkeys(_dtype(x) or default_weight_dtype(model) for x in names)),
-                            hf=not args.no_hf, out_dir=args.out)
+                            hf=not args.no_hf, out_dir=args.out, force=args.force)
     print(f"\n{result['machine']}: ratios measured in this run")
     for r in result["ratios"]:
         print(f"  {r['what']:<24} {r.get('model', r.get('backend')):>12} B={r['batch']:<4} "
@@ -560,23 +700,40 @@ def cmd_bench(args):
 def cmd_demo(args):
     from .demo import HEAL, render_report, run_demo
 
-    print(render_report(run_demo(args.out, args.remove, heal=None if args.no_heal else HEAL)))
+    _check_outputs(args, folders=[args.out])
+    print(render_report(run_demo(args.out, args.remove, heal=None if args.no_heal else HEAL, force=args.force)))
     print(f"wrote {args.out}/: scores.json, scores.png, pruned-*/ and healed-ppl/ models, report.md")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python next runs so that it unwinds like Ctrl-C: temporary
+    outputs are removed and nothing half-written is left."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
     except DepthcutError as e:
         print(f"depthcut: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("depthcut: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"depthcut: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except (MemoryError, torch_oom()):
         print("depthcut: error: out of memory; lower --max-memory or --n-samples", file=sys.stderr)
         return 3
+    except OSError as e:  # a full disk, a read-only or vanished folder: the system's words and the path
+        where = f": {e.filename}" if e.filename else ""
+        print(f"depthcut: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

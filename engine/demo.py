@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
 from .calibration import Calibration
+from .errors import DepthcutError
 from .evaluate import perplexity
 from .models import load_model
+from .outputs import atomic_path
 from .pruner import prune_blocks, save_model
 from .retrain import RetrainConfig, retrain, write_outputs
 from .runtime import Runtime, default_weight_dtype
@@ -46,13 +47,24 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> 
     return tokenizer.decode(tokens[0], skip_special_tokens=True), stats["decode_tok_s"]
 
 
-def run_demo(out: str | Path = "out", remove: int = 6, eval_windows: int = 40, heal: RetrainConfig | None = HEAL) -> dict:
-    out = Path(out)
+def run_demo(out: str | Path = "out", remove: int = 6, eval_windows: int = 40, heal: RetrainConfig | None = HEAL,
+             force: bool = False) -> dict:
+    """Everything is written to a temporary folder that replaces ``out`` at the end, so an
+    interrupted demo leaves the last complete one (``out`` must be depthcut's, or ``force``)."""
+    with atomic_path(out, is_dir=True, force=force) as tmp:
+        return _demo(tmp, remove, eval_windows, heal)
+
+
+def _demo(out: Path, remove: int, eval_windows: int, heal: RetrainConfig | None) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_model(dtype=torch.float32, device="cpu")
     load_s = time.perf_counter() - t0
     calib = Calibration.load(tokenizer)
     protect = Protect()
+    prunable = len(protect.allowed(model.config.num_hidden_layers))
+    if not 1 <= remove <= prunable:
+        raise DepthcutError(f"--remove must be between 1 and {prunable} (the blocks the '+' heuristic leaves), "
+                            f"got {remove}")
     scores = score(model, calib, CRITERIA + ("bi",), protect=protect)
     scores.save_json(out / "scores.json", protect)
     scores.plot(out / "scores.png", protect)
@@ -80,6 +92,7 @@ def run_demo(out: str | Path = "out", remove: int = 6, eval_windows: int = 40, h
         "model": "SmolLM2-135M-Instruct (30 blocks, fp32 on CPU)",
         "load_seconds": round(load_s, 1),
         "scoring_seconds": round(scores.meta["seconds"], 1),
+        "scoring_dtype": scores.meta["compute_dtype"],
         "calibration": calib.describe(),
         "heldout_windows": len(heldout),
         "dense_ppl": dense_ppl,
@@ -90,8 +103,8 @@ def run_demo(out: str | Path = "out", remove: int = 6, eval_windows: int = 40, h
         "healed": healed,
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
-    atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
-    atomic_write(out / "report.md", render_report(report).encode())
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(render_report(report))
     return report
 
 
@@ -117,7 +130,8 @@ def render_report(r: dict) -> str:
         "",
         f"{r['model']}; calibration {r['calibration']['n_samples']} x {r['calibration']['seq_len']} tokens of "
         f"{r['calibration']['source']}; perplexity on {r['heldout_windows']} held-apart windows.",
-        f"Scoring (PPL, Taylor+, Magnitude+, BI in one pass): {r['scoring_seconds']} s on {r['machine']}.",
+        f"Scoring (PPL, Taylor+, Magnitude+, BI in one pass, {r['scoring_dtype']}): {r['scoring_seconds']} s "
+        f"on {r['machine']}.",
         "",
         "| model | removed blocks | perplexity |",
         "|---|---|---|",

@@ -1,4 +1,4 @@
-"""Perplexity by the paper's protocol (SPEC §5): non-overlapping windows, mean next-token NLL."""
+"""Perplexity by the paper's protocol (docs/DESIGN.md, "Evaluation and speed protocols"): non-overlapping windows, mean next-token NLL."""
 from __future__ import annotations
 
 import math
@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .calibration import as_token_ids
 
 
 @torch.no_grad()
@@ -23,5 +25,6 @@ def window_nll(model, input_ids: torch.Tensor, batch_size: int = 8, progress: st
 
 def perplexity(model, input_ids: torch.Tensor, batch_size: int = 8, progress: str | None = None) -> float:
     """exp(mean NLL over all N×(T−1) predictions of the [N, T] windows)."""
+    as_token_ids(input_ids, model)
     total = window_nll(model, input_ids, batch_size, progress).sum().item()
     return math.exp(total / (input_ids.shape[0] * (input_ids.shape[1] - 1)))

@@ -23,8 +23,8 @@ from gguf import LlamaFileType as FT
 from gguf import MODEL_TENSOR as T
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
-from .atomic import atomic_path
 from .errors import DepthcutError
+from .outputs import GGUF_MARK_KEY, WRITTEN_BY, atomic_path
 
 
 class GGUFExportError(DepthcutError, ValueError):
@@ -216,7 +216,7 @@ _PRE_TOKENIZERS = [
 
 
 def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None = None,
-                tokenizer_pre: str | None = None) -> Path:
+                tokenizer_pre: str | None = None, force: bool = False) -> Path:
     """Write ``model`` + ``tokenizer`` to ``path`` as GGUF and return the path.
 
     ``qtype`` sets the type of the 2-D weight matrices. 1-D tensors (norms, biases) stay f32, as
@@ -225,7 +225,8 @@ def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None 
     embeddings are tied) is stored as q8_0, as llama.cpp's own quantiser does, since the logits are
     the most quantisation-sensitive product. ``tokenizer_pre`` overrides the llama.cpp
     pre-tokenizer name detected from the tokenizer (pass the source file's value when the model
-    came from GGUF: transformers does not keep it).
+    came from GGUF: transformers does not keep it). An existing file is replaced only when
+    depthcut wrote it (its ``depthcut.written_by`` key), or with ``force``.
     """
     if qtype not in QTYPES:
         raise GGUFExportError(f"unknown GGUF type {qtype!r}; supported: {', '.join(QTYPES)}")
@@ -241,7 +242,7 @@ def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None 
     weight_type, file_type = QTYPES[qtype]
     plan = _tensor_plan(model, spec, weight_type)
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, force=force) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[spec.arch])
         try:
             _write(writer, tmp, config, tokenizer, plan, name or path.stem, file_type, tokenizer_pre, family_meta)
@@ -258,6 +259,7 @@ def gguf_tokenizer_pre(path) -> str | None:
 
 
 def _write(writer, tmp, config, tokenizer, plan, name, file_type, tokenizer_pre, family_meta) -> None:
+    writer.add_string(GGUF_MARK_KEY, WRITTEN_BY)  # right after the architecture: see outputs.py
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.MODEL)
     _add_hparams(writer, config, file_type)

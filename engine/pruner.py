@@ -1,4 +1,4 @@
-"""Deleting blocks and saving the shallower model so stock transformers loads it (SPEC §4)."""
+"""Deleting blocks and saving the shallower model so stock transformers loads it (docs/DESIGN.md, "Pruning and the saved model")."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .atomic import atomic_path
 from .errors import DepthcutError
 from .models import ModelAdapter, drop_quantization_config
+from .outputs import atomic_path
 
 
 def check_ratio(ratio: float) -> float:
@@ -64,16 +64,15 @@ def _is_token_list(key: str) -> bool:
 
 
 def save_model(model, tokenizer, out_dir: str | Path, card: dict | None = None,
-               extra: Callable[[Path], None] | None = None) -> Path:
-    """``save_pretrained`` plus tokenizer (and a model card), written aside then renamed in.
+               extra: Callable[[Path], None] | None = None, force: bool = False) -> Path:
+    """``save_pretrained`` plus tokenizer (and a model card), written aside then swapped in.
 
-    ``extra(folder)`` adds files (a training log, a plot) inside the same atomic write.
+    ``extra(folder)`` adds files (a training log, a plot) inside the same atomic write. An
+    existing folder is replaced only when depthcut wrote it, or with ``force``.
     """
     drop_quantization_config(model)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DepthcutError(f"output path exists and is not a folder: {out_dir}")
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    with atomic_path(out_dir, is_dir=True, force=force) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -1,4 +1,4 @@
-"""The reference criteria: SPEC §2 computed the straightforward way, on the whole model.
+"""The reference criteria (docs/DESIGN.md, "Criteria") computed the straightforward way, on the whole model.
 
 This is the yardstick the single-pass scorer is tested against (``--backend reference``):
 PPL skips each block in place and runs the whole model; Taylor takes autograd weight

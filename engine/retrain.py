@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path, atomic_write
+from .calibration import check_token_ids, model_limits
 from .errors import DepthcutError
 from .evaluate import perplexity
 from .kernels import linear_kl, linear_nll_sum
 from .models import ModelAdapter
+from .outputs import atomic_path, atomic_write, working_folder
 from .train_data import IGNORE_INDEX, TrainingSet
 
 # The paper's recipes: LoRA as Alpaca-LoRA sets it, full retraining as its continued pretraining.
@@ -39,6 +40,7 @@ METHOD_DEFAULTS = {
 METHODS = tuple(METHOD_DEFAULTS)
 LOSSES = ("fused", "hf")
 _CKPT = re.compile(r"^step-(\d{8})$")
+RUN_DIR_ENTRIES = ("checkpoints", "train_log.jsonl", "adapter")  # what retrain() keeps in its run folder
 
 
 @dataclass
@@ -83,6 +85,7 @@ class RetrainConfig:
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}"),
             (self.lora_rank >= 1, f"--lora-rank must be at least 1, got {self.lora_rank}"),
+            (self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}"),
             (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
             (0 <= self.distill_weight <= 1, f"--distill-weight must be in [0, 1], got {self.distill_weight}"),
             (self.eval_every >= 0 and self.save_every >= 0, "--eval-every and --save-every must be >= 0"),
@@ -233,6 +236,16 @@ class Checkpoints:
         found = sorted(p for p in self.root.iterdir() if p.is_dir() and _CKPT.match(p.name))
         return found[-1] if found else None
 
+    def drop_partial(self) -> None:
+        """Remove what a killed run left half-written."""
+        for path in self.root.glob(".step-*.tmp") if self.root.is_dir() else ():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def clear(self) -> None:
+        for path in self.root.iterdir():
+            if _CKPT.match(path.name):
+                shutil.rmtree(path)
+
     def save(self, accelerator, step: int, model, optimizer, scheduler, recipe: dict):
         from safetensors.torch import save_file
 
@@ -312,19 +325,38 @@ def _recipe(cfg: RetrainConfig, data: TrainingSet, model, world: int, teacher) -
             "teacher_blocks": ModelAdapter(teacher).num_blocks if teacher is not None else None}
 
 
+def check_training_dtype(weight: torch.Tensor, loss: str) -> None:
+    """The fused loss's CPU kernels compute in fp32 or bf16; fp16 weights there would fail mid-run."""
+    if loss == "fused" and weight.device.type == "cpu" and weight.dtype == torch.float16:
+        raise DepthcutError("fp16 training on the CPU is not supported by the fused loss; "
+                            "load with --dtype fp32 or bf16 (or use --loss hf)")
+
+
 def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, teacher=None, resume: bool = False,
-            accelerator=None, progress: bool = True, keep_adapter: bool = False) -> RetrainResult:
-    """Retrain `model` on `data` with `cfg`; checkpoints and the live log go to `run_dir`.
+            accelerator=None, progress: bool = True, keep_adapter: bool = False, force: bool = False) -> RetrainResult:
+    """Retrain `model` on `data` with `cfg`; checkpoints and the live log go to `run_dir`
+    (refused when it holds files depthcut did not write, unless `force`).
 
     Returns the retrained plain model (LoRA merged), the per-step log and a summary with
     perplexity on the evaluation windows before and after.
     """
     if cfg.distill_weight > 0 and teacher is None:
         raise DepthcutError("--distill-weight needs a --teacher model")
+    check_training_dtype(next(model.parameters()), cfg.loss)
+    check_token_ids(data.train_ids, **model_limits(model))  # ids past the vocabulary, windows past the context
     accelerator = accelerator or make_accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
     run_dir = Path(run_dir)
     checkpoints = Checkpoints(run_dir)
+    if accelerator.is_main_process:
+        working_folder(run_dir, RUN_DIR_ENTRIES, force=force)
+        checkpoints.drop_partial()
+    if not resume and checkpoints.latest() is not None:
+        if not force:
+            raise DepthcutError(f"{run_dir} holds an earlier run's checkpoints: --resume continues it, "
+                                "--force starts over")
+        if accelerator.is_main_process:
+            checkpoints.clear()
     start_ckpt = checkpoints.latest() if resume else None
     if resume and start_ckpt is None:
         raise DepthcutError(f"--resume: no checkpoint in {checkpoints.root}")
@@ -353,8 +385,7 @@ def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, t
     log_path = run_dir / "train_log.jsonl"
     log = _read_log(log_path, step) if step else []
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(log_path, "".join(json.dumps(e) + "\n" for e in log).encode())
+        atomic_write(log_path, "".join(json.dumps(e) + "\n" for e in log).encode(), force=True)
     if not log and accelerator.is_main_process:
         log.append(_append(log_path, {"step": 0, "tokens": 0, "eval_ppl": ppl_before}))
 
@@ -406,7 +437,7 @@ def retrain(model, data: TrainingSet, cfg: RetrainConfig, run_dir: str | Path, t
     if peft_model is not None:
         if keep_adapter and accelerator.is_main_process:
             adapter_dir = run_dir / "adapter"
-            with atomic_path(adapter_dir, is_dir=True) as tmp:
+            with atomic_path(adapter_dir, is_dir=True, force=True) as tmp:
                 peft_model.save_pretrained(tmp)
         final = peft_model.merge_and_unload()
     final.requires_grad_(False)

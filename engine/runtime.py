@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ._ext import HAS_EXT
+from .calibration import check_token_ids
+from .errors import DepthcutError
 from .kernels import decode_linear as linear
 from .kernels import decode_ops
 from .models import FAMILIES, ModelAdapter
@@ -191,15 +193,6 @@ class Runtime:
                    logit_divisor=adapter.logit_divisor, logit_softcap=adapter.logit_softcap,
                    use_cuda_graph=use_cuda_graph)
 
-    @classmethod
-    def from_pretrained(cls, path, gguf_file=None, dtype=None, device=None, **kw):
-        """Load a folder (or a GGUF file inside it) with transformers, then :meth:`from_hf`."""
-        from transformers import AutoModelForCausalLM
-
-        load_dtype = torch.float32 if gguf_file else (dtype or "auto")
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=load_dtype)
-        return cls.from_hf(model, dtype=dtype, device=device, **kw)
-
     def _rope_tables(self, n):
         """cos/sin [tables, n, head_dim] in fp32, computed like HF's rotary embedding."""
         p = torch.arange(n, device=self.device, dtype=torch.float32)[:, None]
@@ -351,7 +344,7 @@ class Runtime:
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None):
         """Logits for every prompt position [B, T, vocab] (fp32), for checks against HF."""
-        ids, mask = _prep(input_ids, attention_mask, self.device)
+        ids, mask = _prep(input_ids, attention_mask, self.device, self.embed.shape[0])
         return self._prefill(self._session(ids.shape[0], ids.shape[1]), ids, mask, all_logits=True)
 
     @torch.inference_mode()
@@ -363,7 +356,8 @@ class Runtime:
         Sampling stays on the device; finished rows are masked to ``pad_token_id`` and the
         host looks at the stop flags only every ``check_every`` steps. Returns
         (tokens [B, n_new] on the runtime device, stats dict)."""
-        ids, mask = _prep(input_ids, attention_mask, self.device)
+        check_generation(max_new_tokens, do_sample, temperature, top_k, top_p)
+        ids, mask = _prep(input_ids, attention_mask, self.device, self.embed.shape[0])
         B, T = ids.shape
         bucket = B
         if self.use_cuda_graph:  # one graph per bucket; extra rows repeat the last prompt
@@ -479,10 +473,26 @@ def _inv_freq(model, rp, head_dim, layer_type=None):
                      f"(supported: default, {', '.join(_ROPE_FROM_MODEL)})")
 
 
-def _prep(input_ids, attention_mask, device):
+def check_generation(max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None) -> None:
+    """Refuse settings that would crash generation or silently sample from nonsense."""
+    checks = [
+        (max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
+        (not do_sample or 0 < temperature < float("inf"),
+         f"--temperature must be a positive number with --do-sample, got {temperature}"),
+        (top_k is None or top_k >= 1, f"--top-k must be at least 1, got {top_k}"),
+        (top_p is None or 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DepthcutError(message)
+
+
+def _prep(input_ids, attention_mask, device, vocab_size):
     ids = torch.as_tensor(input_ids, device=device).long()
     if ids.dim() == 1:
         ids = ids[None]
+    check_token_ids(ids, vocab_size=vocab_size)
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, device=device).long()
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError("attention_mask must be left-padded (zeros only before the prompt)")

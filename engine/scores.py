@@ -1,6 +1,6 @@
 """Per-block importance scores, the "+" heuristic, rankings, and their JSON and PNG forms.
 
-Lower score = less important = pruned first, for every criterion (SPEC §2).
+Lower score = less important = pruned first, for every criterion (docs/DESIGN.md, "Criteria").
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write
 from .errors import DepthcutError
+from .outputs import WRITTEN_BY, atomic_write
 
 # Criteria that have one score per block (angular distance has one per window start).
 PER_BLOCK = ("ppl", "taylor", "magnitude", "bi", "taylor_ppl_estimate")
@@ -24,6 +24,11 @@ class Protect:
 
     first: int = 4
     last: int = 2
+
+    def __post_init__(self):
+        if self.first < 0 or self.last < 0:
+            raise DepthcutError(f"blocks kept by the + heuristic cannot be negative: first {self.first}, "
+                                f"last {self.last}")
 
     @classmethod
     def none(cls) -> "Protect":
@@ -84,18 +89,22 @@ class BlockScores(Mapping):
         return sorted(self.ranking(criterion, protect)[:count])
 
     def to_dict(self, protect: Protect | None = None) -> dict:
+        """Plain JSON: a NaN or infinite number (an unscored block, a perplexity that
+        overflowed) is null, which ranks last like them (see the "null" note)."""
         protect = protect or Protect()
-        return {
+        return _finite({
             "num_blocks": self.num_blocks,
             "protect": {"first": protect.first, "last": protect.last},
             "meta": self.meta,
-            "scores": {c: [None if v != v else v for v in vs] for c, vs in self.scores.items()},
+            "scores": self.scores,
             "ranking": {c: self.ranking(c, protect) for c in self.scores},
-        }
+            "null": "not scored (protected, or beyond the iterative removals) or not finite; ranked last",
+        })
 
-    def save_json(self, path: str | Path, protect: Protect | None = None) -> Path:
-        text = json.dumps(self.to_dict(protect), indent=2, allow_nan=False)
-        return atomic_write(path, text.encode())
+    def save_json(self, path: str | Path, protect: Protect | None = None, force: bool = False) -> Path:
+        """Atomically; an existing file is replaced only when depthcut wrote it, or with ``force``."""
+        text = json.dumps({"written_by": WRITTEN_BY, **self.to_dict(protect)}, indent=2, allow_nan=False)
+        return atomic_write(path, text.encode(), force=force)
 
     @classmethod
     def load_json(cls, path: str | Path) -> "BlockScores":
@@ -104,11 +113,18 @@ class BlockScores(Mapping):
             raise DepthcutError(f"scores file not found: {path}")
         try:
             data = json.loads(path.read_text())
-            return cls(dict(data["scores"]), int(data["num_blocks"]), data.get("meta", {}))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            num_blocks = int(data["num_blocks"])
+            scores = {c: [_score_value(v) for v in vs] for c, vs in data["scores"].items()}
+            if num_blocks < 1 or any(len(vs) != num_blocks - window_width(c) + 1 for c, vs in scores.items()):
+                raise ValueError("score lists do not match num_blocks")
+            meta = data.get("meta", {})
+            if not isinstance(meta, dict):
+                raise TypeError("meta is not an object")
+            return cls(scores, num_blocks, meta)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             raise DepthcutError(f"not a depthcut scores file: {path}") from None
 
-    def plot(self, path: str | Path, protect: Protect | None = None) -> Path:
+    def plot(self, path: str | Path, protect: Protect | None = None, force: bool = False) -> Path:
         """One bar chart per criterion; protected blocks grey, the rest by rank."""
         import matplotlib
 
@@ -121,7 +137,7 @@ class BlockScores(Mapping):
                                  squeeze=False)
         allowed = set(protect.allowed(self.num_blocks))
         for ax, name in zip(axes[:, 0], names):
-            values = self.scores[name]
+            values = [math.nan if v is None else v for v in _finite(self.scores[name])]  # no bar, as in the JSON
             width = window_width(name)
             colors = ["tab:blue" if all(b in allowed for b in range(i, i + width)) else "0.7"
                       for i in range(len(values))]
@@ -136,17 +152,41 @@ class BlockScores(Mapping):
         import io
 
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
+        fig.savefig(buf, format="png", dpi=110, metadata={"Software": WRITTEN_BY})
         plt.close(fig)
-        return atomic_write(path, buf.getvalue())
+        return atomic_write(path, buf.getvalue(), force=force)
 
 
 def window_width(criterion: str) -> int:
     """``angular4`` -> 4; every per-block criterion -> 1."""
     if criterion.startswith("angular"):
-        return int(criterion[len("angular"):] or 1)
+        digits = criterion[len("angular"):] or "1"
+        if not digits.isdigit():
+            raise DepthcutError(f"unknown criterion '{criterion}': angular takes a window size, e.g. angular4")
+        return int(digits)
     return 1
 
 
 def _sort_key(v: float) -> float:
-    return math.inf if v is None or math.isnan(v) else v
+    """Unscored (None, NaN) and non-finite scores rank last: never pruned on their account."""
+    return v if v is not None and math.isfinite(v) else math.inf
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite float replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _score_value(v) -> float:
+    """A score read back from JSON: a number, or null (NaN)."""
+    if v is None:
+        return math.nan
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"not a number: {v!r}")
+    return float(v)

@@ -9,7 +9,7 @@ import torch
 from . import reference
 from .calibration import Calibration, as_token_ids
 from .errors import DepthcutError
-from .models import ModelAdapter
+from .models import ModelAdapter, compute_dtype
 from .scores import ALL_CRITERIA, BlockScores, Protect
 from .single_pass import iterative_ppl, score_single_pass
 
@@ -42,13 +42,20 @@ def score(
     ``calibration`` is a :class:`Calibration` or a ready ``[N, T]`` int64 tensor of token ids.
     ``criteria`` from ppl, taylor, magnitude, bi, angular (``windows`` lists the angular
     window sizes, default 1). ``iterative=k`` adds SLEB-style iterative PPL for k removals.
-    ``dtype`` runs the fused pass in another precision (bf16 is ~3x faster on CPUs).
+    ``dtype`` is the precision of the fused pass; None chooses by :func:`models.compute_dtype`
+    (bf16 only on CPUs with native bf16, the model's own on the GPU); ``meta["compute_dtype"]``
+    says which and why.
     Returns a :class:`BlockScores`: criterion -> one float per block, lower = pruned first.
     """
-    ids = as_token_ids(calibration)
+    ids = as_token_ids(calibration, model)  # vocabulary and context checked before any work
     names = parse_criteria(criteria)
     if backend not in BACKENDS:
         raise DepthcutError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
+    for ok, problem in ((iterative >= 0, f"iterative must be >= 0, got {iterative}"),
+                        (max_memory is None or max_memory >= 1, f"max_memory must be at least 1 byte, got {max_memory}"),
+                        (all(int(w) >= 1 for w in windows), f"angular windows must be >= 1, got {list(windows)}")):
+        if not ok:
+            raise DepthcutError(problem)
     windows = tuple(sorted(set(int(w) for w in windows))) or ((1,) if "angular" in names else ())
     adapter = ModelAdapter(model)
     protect = protect or Protect()
@@ -59,6 +66,9 @@ def score(
     if isinstance(calibration, Calibration):
         meta["calibration"] = calibration.describe()
     data_criteria = {c for c in names if c != "magnitude"}
+    if (backend == "fused" and data_criteria) or iterative:
+        first = next(model.parameters())
+        dtype, meta["compute_dtype"] = compute_dtype(first.device, first.dtype, dtype)
     if backend == "fused" and data_criteria:
         fused, facts = score_single_pass(model, ids, data_criteria, windows, max_memory, dtype, progress)
         scores.update(fused)

@@ -1,4 +1,4 @@
-"""The single pass (SPEC §3): every criterion from one block-by-block walk over the calibration.
+"""The single pass (docs/DESIGN.md, "The single pass and its memory model"): every criterion from one block-by-block walk over the calibration.
 
 The walk keeps a stack of residual-stream variants in one buffer: slot 0 is the full
 model, slot 1+p is "block p skipped". Entering block p, the blocks' weights are read once

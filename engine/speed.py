@@ -1,4 +1,4 @@
-"""The paper's speed protocol (SPEC §5): forced-length generation over batch sizes x
+"""The paper's speed protocol (docs/DESIGN.md, "Evaluation and speed protocols"): forced-length generation over batch sizes x
 output lengths, warm-up then timed runs, latency / throughput / peak memory, dense vs
 pruned, this runtime vs Hugging Face ``generate``.
 
@@ -13,11 +13,12 @@ import platform
 import resource
 import statistics
 import time
-from pathlib import Path
-
 import torch
 
-SHAPES = {  # random-weight stand-ins for the GPU targets of SPEC §7
+from .errors import DepthcutError
+from .outputs import atomic_path
+
+SHAPES = {  # random-weight stand-ins for the GPU targets (docs/DESIGN.md, "Targets and what was measured")
     "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -40,6 +41,8 @@ def random_model(shape: str, device=None, dtype=torch.bfloat16):
 def tail_blocks(n_blocks: int, keep: int):
     """Blocks to delete for a ``keep``-block variant: those just before the last two (the
     "+" rule keeps the first 4 and last 2). Which blocks go does not change the speed."""
+    if not 2 <= keep <= n_blocks:
+        raise DepthcutError(f"--keep must be between 2 and the model's {n_blocks} blocks, got {keep}")
     return list(range(n_blocks - 2 - (n_blocks - keep), n_blocks - 2)) if keep < n_blocks else None
 
 
@@ -220,14 +223,14 @@ def plot(rows, path):
 
 
 def speed_protocol(model, prune=None, *, batch_sizes=None, new_tokens=None, warmup=None, runs=None,
-                   dtypes=(None,), hf=True, prompt_len=32, interleave=None, out_dir=None, log=print):
-    """Run SPEC §5 on ``model`` (dense) and, when ``prune`` lists blocks to delete, on its
+                   dtypes=(None,), hf=True, prompt_len=32, interleave=None, out_dir=None, force=False, log=print):
+    """Run the speed protocol (docs/DESIGN.md, "Evaluation and speed protocols") on ``model`` (dense) and, when ``prune`` lists blocks to delete, on its
     pruned form (see ``interleave``; ``model`` itself is pruned in place when not). One runtime
     backend per entry of ``dtypes`` (None: the model's dtype), plus HF generate when
     ``hf``. Defaults: the full protocol on CUDA, a short one on CPU. ``interleave``
     (default: on CPU) keeps a pruned copy beside the dense model so both are timed in
     the same repetitions. Returns a dict; with ``out_dir`` also writes ``speed.json``
-    and ``speed.png`` there."""
+    and ``speed.png`` there (an existing folder only when depthcut wrote it, or with ``force``)."""
     from .pruner import prune_blocks
     from .runtime import Runtime
 
@@ -236,6 +239,14 @@ def speed_protocol(model, prune=None, *, batch_sizes=None, new_tokens=None, warm
     for k, v in dict(batch_sizes=batch_sizes, new_tokens=new_tokens, warmup=warmup, runs=runs).items():
         if v is not None:
             proto[k] = v
+    if min(proto["batch_sizes"], default=0) < 1 or min(proto["new_tokens"], default=0) < 1 \
+            or proto["warmup"] < 0 or proto["runs"] < 1:
+        raise DepthcutError(f"the protocol needs batch sizes and new tokens of at least 1, warmup >= 0 and "
+                            f"runs >= 1; got {proto}")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and prompt_len + max(proto["new_tokens"]) > context:
+        raise DepthcutError(f"{prompt_len}-token prompts and {max(proto['new_tokens'])} new tokens exceed the "
+                            f"model's context of {context} tokens")
 
     def runtimes(m):
         return {"runtime" + ("" if dt is None else "-" + str(dt).replace("torch.", "")):
@@ -263,8 +274,7 @@ def speed_protocol(model, prune=None, *, batch_sizes=None, new_tokens=None, warm
                                  else "process RSS high-water mark (all backends together)"),
                   rows=rows, ratios=summarize(rows))
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "speed.json").write_text(json.dumps(result, indent=2))
-        plot(rows, out / "speed.png")
+        with atomic_path(out_dir, is_dir=True, force=force) as out:
+            (out / "speed.json").write_text(json.dumps(result, indent=2))
+            plot(rows, out / "speed.png")
     return result

@@ -8,17 +8,18 @@ out before training sees anything, and the split is recorded (docs/DESIGN.md, "R
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
-from .calibration import Calibration
+from .calibration import Calibration, json_lines, read_utf8
 from .errors import DepthcutError
 
 IGNORE_INDEX = -100
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Document:
 
     text: str | None = None
     messages: list[dict] | None = None
+    where: str = field(default="", compare=False)  # "file:line", for errors the chat template raises
 
 
 def _document(row, where: str) -> Document:
@@ -36,7 +38,10 @@ def _document(row, where: str) -> Document:
     if (isinstance(messages, list) and messages
             and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in messages)):
-        return Document(messages=messages)
+        unknown = next((m["role"] for m in messages if m["role"] not in CHAT_ROLES), None)
+        if unknown is not None:
+            raise DepthcutError(f"{where}: unknown chat role '{unknown}'; roles are {', '.join(CHAT_ROLES)}")
+        return Document(messages=messages, where=where)
     raise DepthcutError(f"{where}: expected a 'text' string or a 'messages' list of {{role, content}} strings")
 
 
@@ -44,9 +49,9 @@ def read_documents(path: str | Path) -> list[Document]:
     """A .txt file is one document; .jsonl has one JSON object per line; .parquet has rows
     with a ``text`` or ``messages`` column (read through the ``datasets`` library)."""
     path = Path(path)
-    if not path.is_file():
-        raise DepthcutError(f"training data file not found: {path}")
     if path.suffix == ".parquet":
+        if not path.is_file():
+            raise DepthcutError(f"training data file not found: {path}")
         import datasets
 
         try:
@@ -54,21 +59,10 @@ def read_documents(path: str | Path) -> list[Document]:
         except Exception as e:  # pyarrow and datasets raise many types for a bad file
             raise DepthcutError(f"cannot read {path} as parquet: {str(e).splitlines()[0] if str(e) else e}") from None
         return [_document(row, f"{path} row {i}") for i, row in enumerate(rows)]
-    try:
-        raw = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DepthcutError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    text = read_utf8(path, "training data file")
     if path.suffix != ".jsonl":
-        return [Document(text=raw)] if raw.strip() else []
-    docs = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DepthcutError(f"{path}:{n}: not valid JSON") from None
-            docs.append(_document(row, f"{path}:{n}"))
-    return docs
+        return [Document(text=text)]
+    return [_document(row, where) for where, row in json_lines(path, text)]
 
 
 def stream_dataset(spec: str) -> Iterator[Document]:
@@ -113,7 +107,10 @@ def tokenize_document(doc: Document, tokenizer) -> tuple[list[int], list[bool]]:
     if doc.text is not None:
         ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
         return ids, [True] * len(ids)
-    text, spans = chat_spans(tokenizer, doc.messages)
+    try:
+        text, spans = chat_spans(tokenizer, doc.messages)
+    except TemplateError as e:
+        raise DepthcutError(f"{doc.where or 'a chat'}: the tokenizer's chat template refuses it: {e}") from None
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     trained = [any(s <= a < e for s, e in spans) for a, _ in enc["offset_mapping"]]
     return enc["input_ids"], trained
@@ -191,6 +188,8 @@ class TrainingSet:
         if len(ids) <= eval_windows:
             raise DepthcutError(f"training data too short: {source} gives {len(ids)} window(s) of {seq_len} "
                                 f"tokens; {eval_windows} are kept for evaluation and at least one must remain")
+        if not (labels[:, 1:] != IGNORE_INDEX).any():
+            raise DepthcutError(f"nothing to train on in {source}: its chats have no assistant turns")
         order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
         held, train = order[:eval_windows].sort().values, order[eval_windows:].sort().values
         return cls(ids[train], labels[train], ids[held], {

@@ -62,3 +62,28 @@ def test_default_text_gives_the_paper_default(smollm2_tokenizer):
     assert calib.input_ids.shape == (10, 128)
     assert calib.source == "pydoc_data.topics"
     assert len(calib.heldout_ids) > 500  # ~113k tokens of text
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("null.jsonl", b'{"text": null}\n', r"null.jsonl:1: not a JSON object with a 'text' string"),
+    ("num.jsonl", b'{"text": "ok"}\n{"text": 7}\n', r"num.jsonl:2: not a JSON object with a 'text' string"),
+    ("broken.jsonl", b'{"text": \n', r"broken.jsonl:1: not valid JSON"),
+    ("latin1.txt", "na\u00efve".encode("latin-1"), r"latin1.txt is not UTF-8 text \(invalid byte at offset 2\)"),
+    ("nul.txt", b"abc\x00def", r"nul.txt looks binary \(NUL byte at offset 3\)"),
+    ("empty.jsonl", b"\n\n", r"empty.jsonl is empty"),
+])
+def test_bad_text_files_are_refused_not_corrupted(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DepthcutError, match=message):
+        read_text(tmp_path / name)
+
+
+def test_bom_is_dropped_and_json_strings_keep_line_separators(tmp_path):
+    line = json.dumps({"text": "one\u2028two"}, ensure_ascii=False)
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + line.encode())
+    assert read_text(tmp_path / "a.jsonl") == "one\u2028two"
+
+
+def test_windows_of_fewer_than_two_tokens_are_refused():
+    with pytest.raises(DepthcutError, match="windows need at least 2 tokens"):
+        tokenize_windows("abcdef", CharTokenizer(), 1)

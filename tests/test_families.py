@@ -39,7 +39,8 @@ def scored(case: str):
     family, overrides = CASES[case]
     model = tiny_model(family, **overrides)
     ids = random_tokens(model, 3, SEQ_LEN)
-    run = lambda backend: engine.score(model, ids, CRITERIA, backend=backend, windows=[1, 3], progress=False)
+    run = lambda backend: engine.score(model, ids, CRITERIA, backend=backend, windows=[1, 3], dtype=torch.float32,
+                                       progress=False)
     return model, ids, run("fused"), run("reference")
 
 

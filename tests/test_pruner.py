@@ -46,14 +46,20 @@ def test_saved_model_reloads_with_stock_transformers(tmp_path, family):
     assert "ppl" in (out / "README.md").read_text()
 
 
-def test_save_replaces_an_existing_folder_atomically(tmp_path):
+def test_save_replaces_its_own_folder_and_no_one_elses(tmp_path):
     target = tmp_path / "m"
     save_model(tiny_model("llama"), None, target)
-    (target / "stale.txt").write_text("old")
     save_model(prune_blocks(tiny_model("llama"), [1]), None, target)
-    assert not (target / "stale.txt").exists()
     assert AutoModelForCausalLM.from_pretrained(target).config.num_hidden_layers == 7
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(DepthcutError, match=r"did not write \(notes.txt\).*--force"):
+        save_model(tiny_model("llama"), None, target)
+    assert (target / "notes.txt").read_text() == "mine"
+    assert AutoModelForCausalLM.from_pretrained(target).config.num_hidden_layers == 7
+    save_model(tiny_model("llama"), None, target, force=True)
+    assert not (target / "notes.txt").exists()
+    assert AutoModelForCausalLM.from_pretrained(target).config.num_hidden_layers == 8
 
 
 def test_failed_save_leaves_the_old_model(tmp_path, monkeypatch):

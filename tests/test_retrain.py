@@ -119,6 +119,37 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, method)
     assert [e["loss"] for e in resumed.log if "loss" in e] == [e["loss"] for e in whole.log if "loss" in e]
 
 
+def test_the_next_save_clears_a_checkpoint_a_killed_run_left_half_written(tmp_path):
+    data = _data(tiny_model("llama"))
+    cfg = RetrainConfig(steps=3, batch_size=2, save_every=2)
+    retrain(tiny_model("llama"), data, cfg, tmp_path, progress=False)
+    (tmp_path / "checkpoints" / ".step-00000003.tmp").mkdir()
+    retrain(tiny_model("llama"), data, cfg, tmp_path, resume=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_a_new_run_over_an_earlier_runs_checkpoints_needs_force(tmp_path):
+    from engine.errors import DepthcutError
+
+    data = _data(tiny_model("llama"))
+    retrain(tiny_model("llama"), data, RetrainConfig(steps=5, batch_size=2, save_every=2), tmp_path, progress=False)
+    cfg = RetrainConfig(steps=3, batch_size=2, save_every=2)
+    with pytest.raises(DepthcutError, match="earlier run's checkpoints: --resume continues it, --force starts over"):
+        retrain(tiny_model("llama"), data, cfg, tmp_path, progress=False)
+    retrain(tiny_model("llama"), data, cfg, tmp_path, progress=False, force=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_a_run_folder_with_someone_elses_files_is_refused(tmp_path):
+    from engine.errors import DepthcutError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DepthcutError, match=r"did not write \(notes.txt\)"):
+        retrain(tiny_model("llama"), _data(tiny_model("llama")), RetrainConfig(steps=1, batch_size=2), tmp_path,
+                progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_resume_refuses_another_recipe(tmp_path):
     from engine.errors import DepthcutError
 
@@ -170,3 +201,20 @@ def test_bad_recipes_are_refused(kwargs, message):
 
     with pytest.raises(DepthcutError, match=message):
         RetrainConfig(**kwargs)
+
+
+def test_fp16_training_on_the_cpu_is_refused_before_it_starts(tmp_path):
+    from engine.errors import DepthcutError
+
+    model = tiny_model("llama", dtype=torch.float16)
+    with pytest.raises(DepthcutError, match="fp16 training on the CPU"):
+        retrain(model, _data(tiny_model("llama")), RetrainConfig(steps=1, batch_size=2), tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_windows_longer_than_the_context_are_refused(tmp_path):
+    from engine.errors import DepthcutError
+
+    model = tiny_model("llama", max_position_embeddings=16)
+    with pytest.raises(DepthcutError, match="context"):
+        retrain(model, _data(tiny_model("llama")), RetrainConfig(steps=1, batch_size=2), tmp_path, progress=False)

@@ -54,9 +54,11 @@ def other_tokenizer_dir(tiny_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
     path = tmp_path_factory.mktemp("other") / "other"
-    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.add_tokens(["<depthcut-extra>"])
+    model.resize_token_embeddings(len(tok))  # a loadable model, only its vocabulary differs
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -66,11 +68,9 @@ def test_bad_retraining_input(tiny_model_dir, other_tokenizer_dir, tmp_path, cap
     empty.write_text("")
     short.write_text("a few words")
     cases = [
-        (["--data", empty, "--steps", 1], "training data too short"),
+        (["--data", empty, "--steps", 1], "empty.txt is empty"),
         (["--data", short, "--steps", 1, "--eval-windows", 0], "training data too short"),
         (["--data", tmp_path / "missing.jsonl", "--steps", 1], "training data file not found"),
-        (["--steps", 1, "--lr", 0], "--lr must be positive"),
-        (["--steps", 1, "--lr", -1], "--lr must be positive"),
         ([], "say how long to retrain"),
         (["--steps", 1, "--resume"], "--resume: no checkpoint"),
         (["--steps", 1, "--teacher", other_tokenizer_dir, "--distill-weight", 0.5], "tokenizer differs"),
@@ -78,7 +78,6 @@ def test_bad_retraining_input(tiny_model_dir, other_tokenizer_dir, tmp_path, cap
         (["--steps", 1, "--global-batch", 3], "not a multiple"),
         (["--steps", 1, "--dataset", "no-such/dataset-anywhere"], "cannot read dataset"),
         (["--steps", 1, "--data", short, "--dataset", "x"], "not both"),
-        (["--steps", 1, "--seq-len", 1], "--seq-len must be at least 2"),
     ]
     expect_error(capsys, run("prune", tiny_model_dir, "--remove", 1, "--retrain-steps", 3, "--out", tmp_path / "never"),
                  "--retrain-steps given without --retrain")

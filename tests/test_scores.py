@@ -69,3 +69,31 @@ def test_unknown_criterion_is_named():
     with pytest.raises(DepthcutError, match="no 'bi' scores"):
         make([1.0] * 8)["bi"]
     assert math.isfinite(make([1.0] * 8)["ppl"][0])
+
+
+def test_non_finite_scores_are_saved_as_null_and_rank_last(tmp_path):
+    inf, nan = float("inf"), float("nan")
+    s = BlockScores({"ppl": [0.0, 0.0, 0.0, 0.0, inf, 2.0, -inf, nan, 1.0, 0.0]}, 10,
+                    {"taylor_ppl_estimate_spearman": nan, "iterative": {"ppl_after_each": [inf]}})
+    path = s.save_json(tmp_path / "scores.json")
+    data = json.loads(path.read_text())
+    assert data["scores"]["ppl"][4:8] == [None, 2.0, None, None] and "null" in data
+    assert data["meta"] == {"taylor_ppl_estimate_spearman": None, "iterative": {"ppl_after_each": [None]}}
+    back = BlockScores.load_json(path)
+    assert all(math.isnan(v) for v in back["ppl"][4:8:2]) and back["ppl"][5] == 2.0
+    assert back.ranking("ppl") == s.ranking("ppl") == data["ranking"]["ppl"] == [5, 4, 6, 7]
+    s.plot(tmp_path / "scores.png")
+
+
+@pytest.mark.parametrize("scores", [{"ppl": ["a"] * 8}, {"ppl": [1.0] * 7}, {"ppl": [True] * 8}, {"ppl": 3}])
+def test_score_values_are_checked_when_read(tmp_path, scores):
+    (tmp_path / "s.json").write_text(json.dumps({"num_blocks": 8, "scores": scores}))
+    with pytest.raises(DepthcutError, match="not a depthcut scores file"):
+        BlockScores.load_json(tmp_path / "s.json")
+
+
+def test_bad_angular_name_and_negative_protection():
+    with pytest.raises(DepthcutError, match="unknown criterion 'angularx'"):
+        BlockScores({"angularx": [1.0]}, 4).ranking("angularx")
+    with pytest.raises(DepthcutError, match="cannot be negative"):
+        Protect(-1, 2)

@@ -97,3 +97,32 @@ def test_documents_split_is_disjoint_seeded_and_recorded(smollm2_tokenizer):
     assert torch.equal(a.train_ids, ids[[i for i in range(len(ids)) if i not in held]])
     with pytest.raises(DepthcutError, match="training data too short"):
         TrainingSet.from_documents(docs[:1], smollm2_tokenizer, 16, "one doc", eval_windows=5)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}\n', "bad.jsonl:1: unknown chat role 'wizard'"),
+    (b"\n \n", "bad.txt is empty"),
+    (b"text\x00more", r"looks binary \(NUL byte at offset 4\)"),
+])
+def test_unknown_roles_empty_and_binary_files_are_refused(tmp_path, content, message):
+    path = tmp_path / ("bad.jsonl" if content.startswith(b"{") else "bad.txt")
+    path.write_bytes(content)
+    with pytest.raises(DepthcutError, match=message):
+        read_documents(path)
+
+
+def test_a_chat_template_refusal_names_the_line(smollm2_tokenizer, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "plain"}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    docs = read_documents(tmp_path / "c.jsonl")
+    with pytest.raises(DepthcutError, match=r"c\.jsonl:2: the tokenizer's chat template refuses it: roles must"):
+        pack(docs, tok, 16)
+
+
+def test_chats_without_assistant_turns_leave_nothing_to_train_on(smollm2_tokenizer):
+    docs = [Document(messages=[{"role": "user", "content": f"question number {i} " * 8}]) for i in range(20)]
+    with pytest.raises(DepthcutError, match="nothing to train on in chats"):
+        TrainingSet.from_documents(docs, smollm2_tokenizer, 16, "chats", eval_windows=1)
