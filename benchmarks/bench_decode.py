@@ -1,4 +1,4 @@
-"""Decode speed: depthcut runtime vs Hugging Face generate, dense vs pruned (SPEC §5, §7).
+"""Decode speed: depthcut runtime vs Hugging Face generate, dense vs pruned (docs/DESIGN.md, "Evaluation and speed protocols" and "Targets and what was measured").
 
 A thin wrapper over ``depthcut bench`` so the benchmark and the CLI are one code path.
 CPU default: the real SmolLM2-135M, batch 1, 32 and 128 new tokens, short warm-up,
