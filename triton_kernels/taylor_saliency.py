@@ -1,6 +1,6 @@
 """Taylor saliency sum |W * dL/dW| of one linear layer without storing its weight gradient.
 
-SPEC §2/§3: dW = dy.T @ x is reduced in the GEMM's epilogue. The sign must survive until the
+docs/DESIGN.md, "Criteria" and "The single pass and its memory model": dW = dy.T @ x is reduced in the GEMM's epilogue. The sign must survive until the
 whole M (token) reduction is done, so each program owns a full [BLOCK_N, BLOCK_K] tile of dW,
 loops over ALL rows, and only then takes |W * dW|. Per-program partial sums are combined by
 torch in fp64: deterministic, no float atomics, no dW in memory.
