@@ -1,4 +1,4 @@
-"""Builds the optional compiled ops `engine._C` (metadata lives in pyproject.toml).
+"""Builds the optional compiled ops `depthcut._C` (metadata lives in pyproject.toml).
 
 C++ CPU ops always; the CUDA ops too when torch is a CUDA build and nvcc is found.
 DEPTHCUT_NO_EXT=1 skips the extension: depthcut then runs on Triton / pure torch.
@@ -32,13 +32,13 @@ def _ext_modules():
     rel = [os.path.relpath(p, root) for p in cpp]
     if torch.version.cuda and have_nvcc and cu:
         ext = cpp_extension.CUDAExtension(
-            "engine._C",
+            "depthcut._C",
             rel + [os.path.relpath(p, root) for p in cu],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=link,
         )
     else:
-        ext = cpp_extension.CppExtension("engine._C", rel, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        ext = cpp_extension.CppExtension("depthcut._C", rel, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     # py_limited_api is off: the module links libtorch (C++ ABI) anyway.
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cli import main  # noqa: E402
+from depthcut.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "--out", "benchmarks/results/decode", *sys.argv[1:]]))

@@ -32,26 +32,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import engine  # noqa: E402
-from engine.demo import HEAL  # noqa: E402
-from engine.kernels import linear_nll_sum  # noqa: E402
-from engine.retrain import RetrainConfig, retrain  # noqa: E402
-from engine.speed import machine  # noqa: E402
-from engine.train_data import TrainingSet  # noqa: E402
+import depthcut  # noqa: E402
+from depthcut.demo import HEAL  # noqa: E402
+from depthcut.ops import linear_nll_sum  # noqa: E402
+from depthcut.retrain import RetrainConfig, retrain  # noqa: E402
+from depthcut.speed import machine  # noqa: E402
+from depthcut.train_data import TrainingSet  # noqa: E402
 
 
 def pruned_smollm2(remove: int):
     """SmolLM2 fp32 on the CPU, cut by the PPL criterion on the default calibration."""
-    model, tokenizer = engine.load_model(dtype=torch.float32, device="cpu")
-    calib = engine.Calibration.load(tokenizer)
-    blocks = engine.score(model, calib, ["ppl"], progress=False).select("ppl", remove)
+    model, tokenizer = depthcut.load_model(dtype=torch.float32, device="cpu")
+    calib = depthcut.Calibration.load(tokenizer)
+    blocks = depthcut.score(model, calib, ["ppl"], progress=False).select("ppl", remove)
     dense = copy.deepcopy(model)
-    return dense, engine.prune_blocks(model, blocks), tokenizer, blocks
+    return dense, depthcut.prune_blocks(model, blocks), tokenizer, blocks
 
 
 def worker(folder: str, loss: str, steps: int, batch: int, checkpointing: bool) -> dict:
     """One training run in this process; prints tokens/s (first step excluded) and peak RSS."""
-    model, tokenizer = engine.load_model(folder, dtype=torch.float32, device="cpu")
+    model, tokenizer = depthcut.load_model(folder, dtype=torch.float32, device="cpu")
     data = TrainingSet.from_default_text(tokenizer, eval_windows=1)  # the before/after perplexity costs ~nothing
     cfg = RetrainConfig(steps=steps, batch_size=batch, lr=1e-3, loss=loss, gradient_checkpointing=checkpointing)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -118,7 +118,7 @@ def main():
     report = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "model": f"SmolLM2-135M-Instruct fp32, blocks {blocks} removed by PPL", "speed": []}
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_model(pruned, tokenizer, Path(tmp) / "pruned")
+        depthcut.save_model(pruned, tokenizer, Path(tmp) / "pruned")
         for ckpt in ("0", "1"):
             for loss in ("hf", "fused"):
                 cmd = [sys.executable, __file__, "--worker", str(Path(tmp) / "pruned"), loss, ckpt,

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import engine  # noqa: E402
-from engine import reference  # noqa: E402
-from engine.evaluate import window_nll  # noqa: E402
-from engine.speed import SHAPES, machine, random_model  # noqa: E402
+import depthcut  # noqa: E402
+from depthcut import reference  # noqa: E402
+from depthcut.evaluate import window_nll  # noqa: E402
+from depthcut.speed import SHAPES, machine, random_model  # noqa: E402
 
 
 class PeakMemory:
@@ -84,7 +84,7 @@ def naive_ppl(model, ids):
     count = ids.shape[0] * (ids.shape[1] - 1)
     out = []
     for i in range(model.config.num_hidden_layers):
-        fresh = engine.prune_blocks(copy.deepcopy(model), [i])
+        fresh = depthcut.prune_blocks(copy.deepcopy(model), [i])
         out.append(math.exp(window_nll(fresh, ids, batch_size=1).sum().item() / count))
         del fresh
     return out
@@ -115,9 +115,9 @@ def main(argv=None):
         ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len),
                             generator=torch.Generator().manual_seed(1234))
     else:
-        model, tok = engine.load_model(args.model, device=device)
+        model, tok = depthcut.load_model(args.model, device=device)
         label = args.model or "SmolLM2-135M-Instruct"
-        ids = engine.Calibration.load(tok, n_samples=args.n_samples, seq_len=args.seq_len).input_ids
+        ids = depthcut.Calibration.load(tok, n_samples=args.n_samples, seq_len=args.seq_len).input_ids
     dtype = next(model.parameters()).dtype
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     L = model.config.num_hidden_layers
@@ -125,7 +125,7 @@ def main(argv=None):
 
     results: list[dict] = []
     all_criteria = ["ppl", "taylor", "magnitude", "bi"]
-    score = lambda crit, **kw: engine.score(model, ids, crit, progress=False, **kw)  # noqa: E731
+    score = lambda crit, **kw: depthcut.score(model, ids, crit, progress=False, **kw)  # noqa: E731
     measure("fused, all criteria (first call)", lambda: score(all_criteria), device, results, weights)
     measure("fused, all criteria", lambda: score(all_criteria), device, results, weights)
     if device.type == "cpu" and dtype == torch.float32:

@@ -5,7 +5,7 @@
 #   a: GPU tests (Triton kernels, CUDA-graph runtime), scoring on SmolLM2 and Llama-7B
 #      shapes (10 x 128, cold and warm), decode at batch 1 (runtime vs HF, dense vs pruned)
 #   b: the 128 x 2048 calibration run, decode at batch 16/64, then the CUDA build of
-#      engine._C and its GPU tests (nvcc takes minutes; the Triton path needs no build)
+#      depthcut._C and its GPU tests (nvcc takes minutes; the Triton path needs no build)
 # Meant for the device image (Python 3.12, torch+CUDA, triton, transformers, nvcc, ninja,
 # no internet). It lacks the pure-Python `gguf` package: on the CPU machine first run
 # `pip download --no-deps -d .whl gguf==0.19.0` and name `.whl` in the run's carry.
@@ -32,7 +32,7 @@ decode() {  # shape, timeout, batch sizes
 }
 
 if [[ $STAGE == a || $STAGE == all ]]; then
-    step "GPU tests, Triton path (engine._C not built here)"
+    step "GPU tests, Triton path (depthcut._C not built here)"
     DEPTHCUT_NO_EXT=1 timeout 150 python -m pytest -q -m gpu -x tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
     step "scoring: SmolLM2 shape, 10x128";   scoring smollm2 60 --shape smollm2
     step "scoring: Llama-7B shape, 10x128";  scoring llama7b 100 --shape llama7b
@@ -43,9 +43,9 @@ if [[ $STAGE == b || $STAGE == all ]]; then
     step "scoring: Llama-7B shape, 128x2048 (fused only)"
     scoring llama7b_sleb 90 --shape llama7b --n-samples 128 --seq-len 2048 --only fused
     step "decode: Llama-7B shape, batch 16 and 64"; decode llama7b 80 16,64
-    step "build engine._C with CUDA, then its GPU tests"
+    step "build depthcut._C with CUDA, then its GPU tests"
     MAX_JOBS=16 timeout 200 python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
-    python -c "import engine._ext as e; print('extension loaded:', e.HAS_EXT)"
+    python -c "import depthcut._ext as e; print('extension loaded:', e.HAS_EXT)"
     timeout 60 python -m pytest -q -m gpu -x tests/test_kernels_dispatch.py 2>&1 | tail -5 | tee "$OUT/gpu_tests_ext.txt"
 fi
 echo; echo "== done ($(date +%T)); results in $OUT"

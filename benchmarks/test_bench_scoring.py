@@ -13,8 +13,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import engine  # noqa: E402
-from engine import reference  # noqa: E402
+import depthcut  # noqa: E402
+from depthcut import reference  # noqa: E402
 from tiny_models import random_tokens, tiny_model  # noqa: E402
 
 
@@ -26,11 +26,11 @@ def setup():
 
 
 RUNS = {
-    "ppl": {"fused": lambda m, x: engine.score(m, x, ["ppl"], progress=False),
+    "ppl": {"fused": lambda m, x: depthcut.score(m, x, ["ppl"], progress=False),
             "reference": reference.ppl_scores},
-    "taylor": {"fused": lambda m, x: engine.score(m, x, ["taylor"], progress=False),
+    "taylor": {"fused": lambda m, x: depthcut.score(m, x, ["taylor"], progress=False),
                "reference": reference.taylor_scores},
-    "all": {"fused bf16": lambda m, x: engine.score(m, x, ["ppl", "taylor", "magnitude", "bi"],
+    "all": {"fused bf16": lambda m, x: depthcut.score(m, x, ["ppl", "taylor", "magnitude", "bi"],
                                                      dtype=torch.bfloat16, progress=False)},
 }
 

@@ -1,7 +1,7 @@
 // CUDA kernels of the depthcut ops: cuBLAS GEMM tiles (fp32 output even for bf16
 // inputs, via mm.dtype) plus custom row kernels for the online logsumexp, target
 // gather and gradient epilogue, and a reduction kernel for the Taylor saliency.
-// Default dispatch on CUDA is Triton (engine/kernels.py); these run with
+// Default dispatch on CUDA is Triton (engine/ops.py); these run with
 // DEPTHCUT_BACKEND=ext or through torch.ops.depthcut directly.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>

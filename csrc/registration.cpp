@@ -50,7 +50,7 @@ TORCH_LIBRARY(depthcut, m) {
   m.def("swiglu(Tensor gu, bool gelu) -> Tensor");
 }
 
-// `import engine._C` only has to load the shared object: the ops live in torch.ops.depthcut.
+// `import depthcut._C` only has to load the shared object: the ops live in torch.ops.depthcut.
 static struct PyModuleDef depthcut_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {

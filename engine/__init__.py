@@ -3,16 +3,16 @@
 The data flows one way: calibration -> model adapter -> one scoring pass -> ranking ->
 pruner -> retraining -> export or inference::
 
-    import engine
-    model, tokenizer = engine.load_model()              # bundled SmolLM2-135M, or a folder/.gguf
-    calib = engine.Calibration.load(tokenizer)          # 10 x 128 tokens of pydoc text
-    scores = engine.score(model, calib, ["ppl", "taylor", "magnitude"])
+    import depthcut
+    model, tokenizer = depthcut.load_model()            # bundled SmolLM2-135M, or a folder/.gguf
+    calib = depthcut.Calibration.load(tokenizer)        # 10 x 128 tokens of pydoc text
+    scores = depthcut.score(model, calib, ["ppl", "taylor", "magnitude"])
     blocks = scores.select("taylor", 6)                 # "+" heuristic: first 4 / last 2 kept
-    engine.prune_blocks(model, blocks)
-    engine.save_model(model, tokenizer, "out/pruned")
-    print(engine.perplexity(model, calib.heldout_ids[:40]))
-    data = engine.TrainingSet.from_default_text(tokenizer)   # never the calibration/evaluation windows
-    model = engine.retrain(model, data, engine.RetrainConfig(steps=30, lr=1e-3), "out/pruned.train").model
+    depthcut.prune_blocks(model, blocks)
+    depthcut.save_model(model, tokenizer, "out/pruned")
+    print(depthcut.perplexity(model, calib.heldout_ids[:40]))
+    data = depthcut.TrainingSet.from_default_text(tokenizer)  # never the calibration/evaluation windows
+    model = depthcut.retrain(model, data, depthcut.RetrainConfig(steps=30, lr=1e-3), "out/pruned.train").model
 """
 from .calibration import Calibration, default_text, read_text, tokenize_windows
 from .errors import DepthcutError

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .calibration import check_token_ids, model_limits
 from .errors import DepthcutError
 from .evaluate import perplexity
-from .kernels import linear_kl, linear_nll_sum
+from .ops import linear_kl, linear_nll_sum
 from .models import ModelAdapter
 from .outputs import atomic_path, atomic_write, working_folder
 from .train_data import IGNORE_INDEX, TrainingSet

@@ -5,8 +5,8 @@ per-layer cache bookkeeping, so deleting blocks barely shows up in tokens/s. Thi
 runtime keeps only what a decode step needs: merged QKV and gate/up weights, RoPE
 tables computed once, a static KV cache per (batch bucket, max length), and on CUDA
 a decode step captured as one CUDA graph (per batch bucket) over the fused Triton
-kernels of ``triton_kernels.decode``. On the CPU the same step runs over their C++
-twins in ``engine._C`` (a handful of calls per block instead of dozens of ATen ops), with
+kernels of ``depthcut.kernels.decode``. On the CPU the same step runs over their C++
+twins in ``depthcut._C`` (a handful of calls per block instead of dozens of ATen ops), with
 fp32 activations over fp32, bf16 or fp16 weights that the decode GEMV widens in
 registers. Blocks are a plain list, so a pruned model is just a shorter one.
 
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from ._ext import HAS_EXT
 from .calibration import check_token_ids
 from .errors import DepthcutError
-from .kernels import decode_linear as linear
-from .kernels import decode_ops
+from .ops import decode_linear as linear
+from .ops import decode_ops
 from .models import FAMILIES, ModelAdapter
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)

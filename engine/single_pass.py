@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import DepthcutError
-from .kernels import linear_nll, taylor_saliency
+from .ops import linear_nll, taylor_saliency
 from .models import ModelAdapter, block_input, block_output
 
 

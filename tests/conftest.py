@@ -27,7 +27,7 @@ def single_torch_thread():
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from engine.models import default_model_path
+    from depthcut.models import default_model_path
 
     path = default_model_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -47,6 +47,6 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (fp32, CPU), loaded once for the integration tests."""
-    from engine import load_model
+    from depthcut import load_model
 
     return load_model(dtype=torch.float32, device="cpu")

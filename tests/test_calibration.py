@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from engine import Calibration, DepthcutError
-from engine.calibration import as_token_ids, read_text, tokenize_windows
+from depthcut import Calibration, DepthcutError
+from depthcut.calibration import as_token_ids, read_text, tokenize_windows
 
 
 class CharTokenizer:

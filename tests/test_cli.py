@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.cli import main
+from depthcut.cli import main
 
 
 def run(*args):
@@ -88,7 +88,7 @@ def test_nan_in_model(tiny_model_dir, smollm2_tokenizer, tmp_path, capsys):
 
 
 def test_console_script_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "eval", str(tmp_path / "missing.gguf")],
+    proc = subprocess.run([sys.executable, "-m", "depthcut.cli", "eval", str(tmp_path / "missing.gguf")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("depthcut: error: model file not found")

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from engine import DepthcutError, perplexity, score
-from engine.cli import _size, main
-from engine.runtime import Runtime
+from depthcut import DepthcutError, perplexity, score
+from depthcut.cli import _size, main
+from depthcut.runtime import Runtime
 
 M = "{model}"  # the tiny model folder
 BARE = "{bare}"  # the same model, its tokenizer without a chat template

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine
-from engine import reference
-from engine.evaluate import perplexity
+import depthcut
+from depthcut import reference
+from depthcut.evaluate import perplexity
 from tiny_models import FAMILIES, random_tokens, tiny_model
 
 BASE = ["llama", "mistral", "qwen2", "qwen3"]
@@ -32,7 +32,7 @@ def test_reference_ppl_equals_deleting_the_block(family):
     model = tiny_model(family, seed=1)
     ids = random_tokens(model, 4, 21, seed=2)
     scores = reference.ppl_scores(model, ids, batch_size=3)
-    deleted = [perplexity(engine.prune_blocks(copy.deepcopy(model), [i]), ids) for i in range(8)]
+    deleted = [perplexity(depthcut.prune_blocks(copy.deepcopy(model), [i]), ids) for i in range(8)]
     assert rel(scores, deleted) < 1e-5
 
 
@@ -81,8 +81,8 @@ ALL = ["ppl", "taylor", "magnitude", "bi", "angular"]
 def test_fused_equals_reference(family, max_memory):
     model = tiny_model(family, seed=6)
     ids = random_tokens(model, 4, 23, seed=7)
-    ref = engine.score(model, ids, ALL, backend="reference", windows=[1, 3], progress=False)
-    fused = engine.score(model, ids, ALL, backend="fused", windows=[1, 3], max_memory=max_memory, dtype=torch.float32,
+    ref = depthcut.score(model, ids, ALL, backend="reference", windows=[1, 3], progress=False)
+    fused = depthcut.score(model, ids, ALL, backend="fused", windows=[1, 3], max_memory=max_memory, dtype=torch.float32,
                          progress=False)
     if max_memory:
         assert fused.meta["windows_per_chunk"] == 1 and fused.meta["taylor_accumulator_bytes"] > 0
@@ -93,7 +93,7 @@ def test_fused_equals_reference(family, max_memory):
 
 def test_fused_with_fixed_shape_groups_equals_reference():
     """The padded constant-size variant groups used on the GPU give the same numbers."""
-    from engine import single_pass
+    from depthcut import single_pass
 
     model = tiny_model("llama", seed=8)
     ids = random_tokens(model, 3, 15)
@@ -112,8 +112,8 @@ def test_fused_with_fixed_shape_groups_equals_reference():
 def test_bf16_pass_keeps_the_ranking_up_to_near_ties():
     model = tiny_model("llama", seed=9)
     ids = random_tokens(model, 4, 33)
-    f32 = engine.score(model, ids, ["ppl", "taylor"], dtype=torch.float32, progress=False)
-    b16 = engine.score(model, ids, ["ppl", "taylor"], dtype=torch.bfloat16, progress=False)
+    f32 = depthcut.score(model, ids, ["ppl", "taylor"], dtype=torch.float32, progress=False)
+    b16 = depthcut.score(model, ids, ["ppl", "taylor"], dtype=torch.bfloat16, progress=False)
     for c in ("ppl", "taylor"):
         assert rel(b16[c], f32[c]) < 0.05
         # blocks may swap only where their fp32 scores are within 2 % of each other
@@ -124,10 +124,10 @@ def test_bf16_pass_keeps_the_ranking_up_to_near_ties():
 def test_iterative_ppl_removes_the_best_block_each_step():
     model = tiny_model("llama", seed=10, num_hidden_layers=10)
     ids = random_tokens(model, 3, 17)
-    scores = engine.score(model, ids, ["ppl"], iterative=2, dtype=torch.float32, progress=False)
+    scores = depthcut.score(model, ids, ["ppl"], iterative=2, dtype=torch.float32, progress=False)
     order = scores.meta["iterative"]["order"]
     assert order[0] == scores.ranking("ppl")[0]
-    pruned = engine.prune_blocks(copy.deepcopy(model), [order[0]])
+    pruned = depthcut.prune_blocks(copy.deepcopy(model), [order[0]])
     second = reference.ppl_scores(pruned, ids)
     kept = [i for i in range(10) if i != order[0]]
     allowed = [pos for pos, i in enumerate(kept) if 4 <= i < 8]
@@ -140,7 +140,7 @@ def test_iterative_ppl_removes_the_best_block_each_step():
 def test_first_order_estimate_tracks_ppl():
     model = tiny_model("llama", seed=11)
     ids = random_tokens(model, 4, 33)
-    s = engine.score(model, ids, ["ppl", "taylor"], dtype=torch.float32, progress=False)
+    s = depthcut.score(model, ids, ["ppl", "taylor"], dtype=torch.float32, progress=False)
     assert len(s["taylor_ppl_estimate"]) == 8
     assert -1 <= s.meta["taylor_ppl_estimate_spearman"] <= 1
     assert abs(s.meta["dense_ppl"] - perplexity(model, ids)) / s.meta["dense_ppl"] < 1e-5
@@ -149,17 +149,17 @@ def test_first_order_estimate_tracks_ppl():
 def test_bad_criteria_and_backend():
     model = tiny_model("llama")
     ids = random_tokens(model, 2, 9)
-    with pytest.raises(engine.DepthcutError, match="unknown criteria"):
-        engine.score(model, ids, ["perplexity"])
-    with pytest.raises(engine.DepthcutError, match="unknown backend"):
-        engine.score(model, ids, ["ppl"], backend="magic")
+    with pytest.raises(depthcut.DepthcutError, match="unknown criteria"):
+        depthcut.score(model, ids, ["perplexity"])
+    with pytest.raises(depthcut.DepthcutError, match="unknown backend"):
+        depthcut.score(model, ids, ["ppl"], backend="magic")
 
 
 def test_without_ppl_only_the_full_stream_is_walked():
     model = tiny_model("qwen3", seed=12)
     ids = random_tokens(model, 3, 19)
-    alone = engine.score(model, ids, ["taylor", "bi"], dtype=torch.float32, progress=False)
-    ref = engine.score(model, ids, ["taylor", "bi"], backend="reference", progress=False)
+    alone = depthcut.score(model, ids, ["taylor", "bi"], dtype=torch.float32, progress=False)
+    ref = depthcut.score(model, ids, ["taylor", "bi"], backend="reference", progress=False)
     assert alone.meta["block_evaluations"] == 8
     for c in ("taylor", "bi"):
         assert rel(alone[c], ref[c]) < 1e-4
@@ -168,7 +168,7 @@ def test_without_ppl_only_the_full_stream_is_walked():
 
 def test_cpu_small_variant_groups_equal_reference():
     """CPU token cap per call: the variant stack split into several uneven groups per block."""
-    from engine import single_pass
+    from depthcut import single_pass
 
     model = tiny_model("llama", seed=11)
     ids = random_tokens(model, 3, 15)

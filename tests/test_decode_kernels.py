@@ -6,7 +6,7 @@ bf16 arithmetic is unreliable), with odd sizes to exercise every mask.
 import pytest
 import torch
 
-from triton_kernels import decode as K
+from depthcut.kernels import decode as K
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]

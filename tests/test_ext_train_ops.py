@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine._ext import HAS_EXT
+from depthcut._ext import HAS_EXT
 
-pytestmark = pytest.mark.skipif(not HAS_EXT, reason="compiled extension engine._C not built "
+pytestmark = pytest.mark.skipif(not HAS_EXT, reason="compiled extension depthcut._C not built "
                                 "(pip install --no-build-isolation -e .)")
 ops = torch.ops.depthcut
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import engine
-from engine.models import FAMILIES as ENGINE_FAMILIES
+import depthcut
+from depthcut.models import FAMILIES as ENGINE_FAMILIES
 from tiny_models import FAMILIES, random_tokens, tiny_config, tiny_model
 
 CRITERIA = ["ppl", "taylor", "magnitude", "bi", "angular"]
@@ -39,14 +39,14 @@ def scored(case: str):
     family, overrides = CASES[case]
     model = tiny_model(family, **overrides)
     ids = random_tokens(model, 3, SEQ_LEN)
-    run = lambda backend: engine.score(model, ids, CRITERIA, backend=backend, windows=[1, 3], dtype=torch.float32,
+    run = lambda backend: depthcut.score(model, ids, CRITERIA, backend=backend, windows=[1, 3], dtype=torch.float32,
                                        progress=False)
     return model, ids, run("fused"), run("reference")
 
 
 def pruned(case: str):
     model, ids, _, _ = scored(case)
-    return model, ids, engine.prune_blocks(copy.deepcopy(model), REMOVE)
+    return model, ids, depthcut.prune_blocks(copy.deepcopy(model), REMOVE)
 
 
 def test_every_engine_family_has_a_tiny_model():
@@ -60,15 +60,15 @@ def test_fused_equals_reference(case):
     for name in ref:
         f, r = torch.tensor(fused[name], dtype=torch.float64), torch.tensor(ref[name], dtype=torch.float64)
         assert torch.allclose(f, r, rtol=1e-4, atol=0), (name, f, r)
-        assert fused.ranking(name, engine.Protect.none()) == ref.ranking(name, engine.Protect.none()), name
+        assert fused.ranking(name, depthcut.Protect.none()) == ref.ranking(name, depthcut.Protect.none()), name
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_ppl_criterion_equals_deleting_the_block(case):
     model, ids, fused, _ = scored(case)
-    dense = engine.perplexity(model, ids)
+    dense = depthcut.perplexity(model, ids)
     for i in range(len(model.model.layers)):
-        deleted = engine.perplexity(engine.prune_blocks(copy.deepcopy(model), [i]), ids)
+        deleted = depthcut.perplexity(depthcut.prune_blocks(copy.deepcopy(model), [i]), ids)
         assert deleted == pytest.approx(fused["ppl"][i], rel=1e-4)
         assert deleted != pytest.approx(dense, rel=1e-4)  # every block matters: the check has teeth
 
@@ -76,7 +76,7 @@ def test_ppl_criterion_equals_deleting_the_block(case):
 @pytest.mark.parametrize("case", CASES)
 def test_saved_pruned_model_reloads_with_same_logits_and_cache(case, tmp_path):
     model, ids, small = pruned(case)
-    engine.save_model(small, None, tmp_path / "out")
+    depthcut.save_model(small, None, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(reloaded) is type(small)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_per_layer_config_follows_the_kept_blocks(case, tmp_path):
     model, _, small = pruned(case)
     n = len(model.model.layers)
     keep = [i for i in range(n) if i not in REMOVE]
-    engine.save_model(small, None, tmp_path / "out")
+    depthcut.save_model(small, None, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     for m in (small, reloaded):
         assert m.config.num_hidden_layers == len(m.model.layers) == len(keep)
@@ -127,7 +127,7 @@ def test_per_layer_config_follows_the_kept_blocks(case, tmp_path):
 @pytest.mark.parametrize("case", CASES)
 def test_tied_embeddings_stay_tied(case, tmp_path):
     model, _, small = pruned(case)
-    engine.save_model(small, None, tmp_path / "out")
+    depthcut.save_model(small, None, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     tied = bool(model.config.tie_word_embeddings)
     for m in (small, reloaded):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import engine
-from engine import Calibration, Protect, perplexity, prune_blocks, save_model
+import depthcut
+from depthcut import Calibration, Protect, perplexity, prune_blocks, save_model
 
 pytestmark = pytest.mark.integration
 CRITERIA = ["ppl", "taylor", "magnitude", "bi"]
@@ -21,7 +21,7 @@ def calib(smollm2):
 
 @pytest.fixture(scope="module")
 def fused(smollm2, calib):
-    return engine.score(smollm2[0], calib, CRITERIA, dtype=torch.float32, progress=False)
+    return depthcut.score(smollm2[0], calib, CRITERIA, dtype=torch.float32, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def test_scores_are_finite_and_early_blocks_matter(fused):
 def test_fused_equals_reference_on_the_real_model(smollm2, calib):
     model = smollm2[0]
     ids = calib.input_ids[:4, :64]  # the reference path is slow on 2 cores; exactness needs no more
-    ref = engine.score(model, ids, ["ppl", "taylor", "bi"], backend="reference", progress=False)
-    fused = engine.score(model, ids, ["ppl", "taylor", "bi"], dtype=torch.float32, progress=False)
+    ref = depthcut.score(model, ids, ["ppl", "taylor", "bi"], backend="reference", progress=False)
+    fused = depthcut.score(model, ids, ["ppl", "taylor", "bi"], dtype=torch.float32, progress=False)
     for c in ("ppl", "taylor", "bi"):
         err = max(abs(a - b) / abs(b) for a, b in zip(fused[c], ref[c]))
         assert err < 1e-4, (c, err)
@@ -70,8 +70,8 @@ def test_pruned_smollm2_saves_and_reloads(smollm2, fused, tmp_path):
 
 def test_lora_heals_the_ppl_pruned_smollm2(smollm2, fused, tmp_path):
     """A few steps of the demo's recipe on windows neither calibration nor evaluation uses."""
-    from engine.retrain import RetrainConfig, retrain
-    from engine.train_data import TrainingSet
+    from depthcut.retrain import RetrainConfig, retrain
+    from depthcut.train_data import TrainingSet
 
     model, tokenizer = smollm2
     pruned = prune_blocks(copy.deepcopy(model), fused.select("ppl", 6))

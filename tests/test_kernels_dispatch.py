@@ -1,10 +1,10 @@
-"""engine.kernels on the CPU, with the compiled ops and with the forced references."""
+"""depthcut.ops on the CPU, with the compiled ops and with the forced references."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import kernels
-from engine._ext import HAS_EXT
+from depthcut import ops
+from depthcut._ext import HAS_EXT
 
 MODES = ["reference"] + (["auto"] if HAS_EXT else [])
 
@@ -33,13 +33,13 @@ def _full_logits(hidden, weight, targets, softcap):
 
 def test_backend_choice(backend):
     expected = "ext" if backend == "auto" else "reference"
-    assert kernels._backend(torch.device("cpu")) == expected
+    assert ops._backend(torch.device("cpu")) == expected
 
 
 def test_unknown_backend_rejected(monkeypatch):
     monkeypatch.setenv("DEPTHCUT_BACKEND", "bogus")
     with pytest.raises(ValueError, match="DEPTHCUT_BACKEND"):
-        kernels._backend(torch.device("cpu"))
+        ops._backend(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
@@ -48,7 +48,7 @@ def test_linear_nll_and_gradient(backend, softcap, dtype):
     hidden, weight, targets = _inputs(37, 1001, 48, dtype)
     tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
     h1 = hidden.clone().requires_grad_()
-    nll = kernels.linear_nll(h1, weight, targets, softcap)
+    nll = ops.linear_nll(h1, weight, targets, softcap)
     h2 = hidden.float().clone().requires_grad_()
     ref = _full_logits(h2, weight, targets, softcap)
     assert nll.dtype == torch.float32
@@ -66,7 +66,7 @@ def test_linear_nll_head_weight_gradient(backend, softcap):
     hidden, weight, targets = _inputs(37, 211, 24, torch.float32)
     g = torch.rand(37, generator=torch.Generator().manual_seed(3)) + 0.5
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    (kernels.linear_nll(h1, w1, targets, softcap) * g).sum().backward()
+    (ops.linear_nll(h1, w1, targets, softcap) * g).sum().backward()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     (_full_logits(h2, w2, targets, softcap) * g).sum().backward()
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-5)
@@ -77,9 +77,9 @@ def test_out_of_range_targets_are_refused_by_every_backend(backend):
     hidden, weight, targets = _inputs(5, 97, 16, torch.float32)
     targets[2] = 97
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        kernels.linear_nll(hidden, weight, targets)
+        ops.linear_nll(hidden, weight, targets)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        kernels.linear_kl(hidden, weight, hidden, weight, targets)
+        ops.linear_kl(hidden, weight, hidden, weight, targets)
 
 
 @pytest.mark.parametrize("softcaps", [(None, None), (3.0, 5.0)])
@@ -93,7 +93,7 @@ def test_linear_kl(backend, softcaps):
         return z if c is None else c * torch.tanh(z / c)
 
     h1, w1 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
-    kl = kernels.linear_kl(h1, w1, ht, wt, targets, cs, ct)
+    kl = ops.linear_kl(h1, w1, ht, wt, targets, cs, ct)
     kl.sum().backward()
     h2, w2 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
     ref = F.kl_div(capped(h2 @ w2.T, cs).log_softmax(-1), capped(ht @ wt.T, ct).log_softmax(-1), log_target=True,
@@ -107,7 +107,7 @@ def test_linear_kl(backend, softcaps):
 def test_taylor_saliency(backend):
     g = torch.Generator().manual_seed(5)
     x, dy, w = torch.randn(65, 40, generator=g), torch.randn(65, 130, generator=g), torch.randn(130, 40, generator=g)
-    got = kernels.taylor_saliency(x, dy, w)
+    got = ops.taylor_saliency(x, dy, w)
     ref = (w.double() * (dy.double().T @ x.double())).abs().sum()
     assert got.dim() == 0 and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
@@ -121,11 +121,11 @@ def test_decode_linear_is_fp32_arithmetic(backend, wdtype, rows):
     (not a product in the weight dtype), with and without the compiled op."""
     g = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(rows, 77, generator=g), torch.randn(50, 77, generator=g).to(wdtype), torch.randn(50).to(wdtype)
-    got = kernels.decode_linear(x, w, b)
+    got = ops.decode_linear(x, w, b)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), F.linear(x.double(), w.double(), b.double()), atol=1e-4, rtol=1e-5)
     if wdtype != torch.float32:  # activations in the weight dtype: plain F.linear
-        same = kernels.decode_linear(x.to(wdtype), w, b)
+        same = ops.decode_linear(x.to(wdtype), w, b)
         assert same.dtype == wdtype and torch.equal(same, F.linear(x.to(wdtype), w, b))
 
 
@@ -137,7 +137,7 @@ def test_linear_nll_cuda(monkeypatch, mode, softcap):
     monkeypatch.setenv("DEPTHCUT_BACKEND", mode)
     hidden, weight, targets = _inputs(300, 5003, 64, torch.bfloat16, device="cuda")
     h1 = hidden.clone().requires_grad_()
-    nll = kernels.linear_nll(h1, weight, targets, softcap)
+    nll = ops.linear_nll(h1, weight, targets, softcap)
     h2 = hidden.float().clone().requires_grad_()
     ref = _full_logits(h2, weight, targets, softcap)
     torch.testing.assert_close(nll, ref.detach(), atol=5e-2, rtol=2e-2)
@@ -153,23 +153,23 @@ def test_taylor_saliency_cuda(monkeypatch, mode):
     monkeypatch.setenv("DEPTHCUT_BACKEND", mode)
     g = torch.Generator().manual_seed(5)
     x, dy, w = (torch.randn(s, generator=g).cuda() for s in [(257, 72), (257, 130), (130, 72)])
-    got = kernels.taylor_saliency(x, dy, w)
+    got = ops.taylor_saliency(x, dy, w)
     ref = (w.double() * (dy.double().T @ x.double())).abs().sum()
     torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-3)
 
 
 FALLBACK_SCRIPT = """
 import sys, warnings
-sys.modules["engine._C"] = None  # as if the extension had not been built
+sys.modules["depthcut._C"] = None  # as if the extension had not been built
 sys.path.insert(0, "tests")
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    import engine
-    from engine._ext import HAS_EXT
+    import depthcut
+    from depthcut._ext import HAS_EXT
 from tiny_models import random_tokens, tiny_model
 model = tiny_model("llama")
-scores = engine.score(model, random_tokens(model, 2, 9), ["ppl", "taylor"], progress=False)
-messages = [str(w.message) for w in caught if "engine._C" in str(w.message)]
+scores = depthcut.score(model, random_tokens(model, 2, 9), ["ppl", "taylor"], progress=False)
+messages = [str(w.message) for w in caught if "depthcut._C" in str(w.message)]
 print(HAS_EXT, len(messages), len(scores["ppl"]), len(scores["taylor"]))
 """
 
@@ -191,25 +191,25 @@ def test_package_works_without_the_extension(env):
 
 
 def test_decode_ops_choice(backend):
-    from triton_kernels import decode as K
+    from depthcut.kernels import decode as K
 
     cpu = torch.device("cpu")
-    ops = kernels.decode_ops(cpu, torch.float32)
+    chosen = ops.decode_ops(cpu, torch.float32)
     if backend == "auto":  # the compiled twins, for fp32 only
-        assert ops[0] is torch.ops.depthcut.add_rmsnorm
-        assert kernels.decode_ops(cpu, torch.bfloat16)[0] is K.add_rmsnorm_ref
+        assert chosen[0] is torch.ops.depthcut.add_rmsnorm
+        assert ops.decode_ops(cpu, torch.bfloat16)[0] is K.add_rmsnorm_ref
     else:
-        assert ops == (K.add_rmsnorm_ref, K.rope_cache_write_ref, K.decode_attention_ref, K.swiglu_ref)
+        assert chosen == (K.add_rmsnorm_ref, K.rope_cache_write_ref, K.decode_attention_ref, K.swiglu_ref)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["auto"] + (["ext"] if HAS_EXT else []))
 def test_decode_ops_cuda_are_triton(monkeypatch, mode):
-    from triton_kernels import decode as K
+    from depthcut.kernels import decode as K
 
     monkeypatch.setenv("DEPTHCUT_BACKEND", mode)
-    assert kernels.decode_ops(torch.device("cuda"), torch.bfloat16)[2] is K.decode_attention
+    assert ops.decode_ops(torch.device("cuda"), torch.bfloat16)[2] is K.decode_attention
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
@@ -219,8 +219,8 @@ def test_linear_nll_sum_with_a_frozen_head(backend, softcap, monkeypatch):
     h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     calls = []
     if backend == "auto":
-        monkeypatch.setattr(kernels._LinearNLLSumEager, "apply", _recording(kernels._LinearNLLSumEager.apply, calls))
-    loss = kernels.linear_nll_sum(h1, weight, targets, softcap)
+        monkeypatch.setattr(ops._LinearNLLSumEager, "apply", _recording(ops._LinearNLLSumEager.apply, calls))
+    loss = ops.linear_nll_sum(h1, weight, targets, softcap)
     (3.0 * loss).backward()
     ref = _full_logits(h2, weight, targets, softcap).sum()
     (3.0 * ref).backward()

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_kernels.linear_kl import (
+from depthcut.kernels.linear_kl import (
     linear_kl_backward,
     linear_kl_backward_reference,
     linear_kl_forward,

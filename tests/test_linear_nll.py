@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_kernels.linear_nll import (
+from depthcut.kernels.linear_nll import (
     linear_nll_backward,
     linear_nll_backward_reference,
     linear_nll_backward_weight,

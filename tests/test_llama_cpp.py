@@ -18,7 +18,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from test_export_gguf import SMOLLM2_DIR, SMOLLM2_FILE, _tiny, heldout_windows, load_pruned_smollm2, perplexity, tokenizer  # noqa: E402,F401
 
-from engine.export_gguf import export_gguf, gguf_tokenizer_pre  # noqa: E402
+from depthcut.export_gguf import export_gguf, gguf_tokenizer_pre  # noqa: E402
 
 
 def llama_cpp_logits(path, windows: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import engine
-from engine import models
-from engine.cli import main
-from engine.errors import DepthcutError
+import depthcut
+from depthcut import models
+from depthcut.cli import main
+from depthcut.errors import DepthcutError
 from tiny_models import random_tokens, tiny_model
 
 EVIL = """
@@ -57,7 +57,7 @@ def test_folder_code_never_runs_even_when_stdin_says_yes(tmp_path):
     folder = tmp_path / "evil"
     folder.mkdir()
     sentinel = plant_code(folder, "evil")
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "score", str(folder)], input="y\n",
+    proc = subprocess.run([sys.executable, "-m", "depthcut.cli", "score", str(folder)], input="y\n",
                           capture_output=True, text=True, timeout=300)
     err = proc.stderr.strip()
     assert proc.returncode == 2 and "Traceback" not in err, err
@@ -73,7 +73,7 @@ def test_transformers_is_never_allowed_to_run_it_either(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "check_architecture", lambda *args: None)
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))
     with pytest.raises(DepthcutError, match="^cannot load model"):
-        engine.load_model(folder, device="cpu")
+        depthcut.load_model(folder, device="cpu")
     assert not sentinel.exists()
 
 
@@ -82,7 +82,7 @@ def test_known_architecture_loads_the_stock_class_not_the_folders(tiny_model_dir
     shutil.copytree(tiny_model_dir, folder)
     sentinel = plant_code(folder, "llama")
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))
-    model, tokenizer = engine.load_model(folder, device="cpu")
+    model, tokenizer = depthcut.load_model(folder, device="cpu")
     assert type(model).__module__.startswith("transformers.models.llama.")
     assert not type(tokenizer).__name__.startswith("Evil")
     assert not sentinel.exists()
@@ -100,10 +100,10 @@ def test_hub_name_from_the_cache_is_checked_before_transformers(tmp_path, monkey
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))
     with pytest.raises(DepthcutError, match="^unsupported architecture 'evil'"):
-        engine.load_model("someone/evil", device="cpu")
+        depthcut.load_model("someone/evil", device="cpu")
     assert not sentinel.exists()
     with pytest.raises(DepthcutError, match="^model not found: someone/missing"):
-        engine.load_model("someone/missing", device="cpu")
+        depthcut.load_model("someone/missing", device="cpu")
 
 
 @pytest.mark.parametrize("config, message", [
@@ -119,7 +119,7 @@ def test_bad_config_json_is_one_clear_error(tmp_path, config, message):
     if config is not None:
         (folder / "config.json").write_text(config)
     with pytest.raises(DepthcutError, match=message):
-        engine.load_model(folder, device="cpu")
+        depthcut.load_model(folder, device="cpu")
 
 
 def test_unknown_gguf_architecture_is_refused_before_transformers(tmp_path, monkeypatch):
@@ -136,7 +136,7 @@ def test_unknown_gguf_architecture_is_refused_before_transformers(tmp_path, monk
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", None)  # any call would fail differently
     with pytest.raises(DepthcutError, match="^unsupported architecture 'mamba'"):
-        engine.load_model(path, device="cpu")
+        depthcut.load_model(path, device="cpu")
     assert models._GGUF_MODEL_TYPES["gemma3"] in models.FAMILIES
 
 
@@ -156,14 +156,14 @@ def test_a_missing_block_is_refused(tiny_model_dir, tmp_path):
                          lambda t: {k: v for k, v in t.items() if not k.startswith("model.layers.3.")})
     with pytest.raises(DepthcutError, match=r"9 weights missing \(model\.layers\.3\.input_layernorm\.weight, "
                                             r"model\.layers\.3\..* and 6 more\)"):
-        engine.load_model(folder, device="cpu")
+        depthcut.load_model(folder, device="cpu")
 
 
 def test_an_unexpected_tensor_is_refused(tiny_model_dir, tmp_path):
     folder = edited_copy(tiny_model_dir, tmp_path / "m",
                          lambda t: {**t, "model.layers.9.mlp.up_proj.weight": torch.zeros(2, 2)})
     with pytest.raises(DepthcutError, match=r"1 unexpected weights \(model\.layers\.9\.mlp\.up_proj\.weight\)"):
-        engine.load_model(folder, device="cpu")
+        depthcut.load_model(folder, device="cpu")
 
 
 def test_a_misshapen_tensor_is_refused(tiny_model_dir, tmp_path):
@@ -173,20 +173,20 @@ def test_a_misshapen_tensor_is_refused(tiny_model_dir, tmp_path):
 
     folder = edited_copy(tiny_model_dir, tmp_path / "m", cut)
     with pytest.raises(DepthcutError, match=r"wrong shape \(model\.norm\.weight \[16\] instead of \[32\]\)"):
-        engine.load_model(folder, device="cpu")
+        depthcut.load_model(folder, device="cpu")
 
 
 def test_missing_head_is_refused_unless_tied(tiny_model_dir, smollm2_tokenizer, tmp_path):
     untied = edited_copy(tiny_model_dir, tmp_path / "untied",
                          lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
     with pytest.raises(DepthcutError, match=r"1 weights missing \(lm_head\.weight\)"):
-        engine.load_model(untied, device="cpu")
+        depthcut.load_model(untied, device="cpu")
     tied = tmp_path / "gemma"
     tiny_model("gemma", vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=48,
                num_hidden_layers=4).save_pretrained(tied)
     smollm2_tokenizer.save_pretrained(tied)
     assert "lm_head.weight" not in load_file(tied / "model.safetensors")
-    model, _ = engine.load_model(tied, device="cpu")
+    model, _ = depthcut.load_model(tied, device="cpu")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
@@ -195,12 +195,12 @@ def test_tokenizer_larger_than_the_embedding_is_refused(smollm2_tokenizer, tmp_p
     tiny_model("llama", vocab_size=211, hidden_size=32, intermediate_size=48).save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     with pytest.raises(DepthcutError, match="tokenizer of 49152 tokens but embeddings for only 211"):
-        engine.load_model(folder, device="cpu")
+        depthcut.load_model(folder, device="cpu")
 
 
 @pytest.mark.integration
 def test_bundled_gguf_loads_with_a_clean_loading_report():
-    model, tokenizer = engine.load_model(dtype=torch.float32, device="cpu")
+    model, tokenizer = depthcut.load_model(dtype=torch.float32, device="cpu")
     assert model.config.num_hidden_layers == 30 and len(tokenizer) == model.config.vocab_size
 
 
@@ -250,10 +250,10 @@ def test_cpu_features_fall_back_to_proc_cpuinfo(monkeypatch, tmp_path):
 def test_score_says_which_precision_it_chose(monkeypatch, features, expected):
     cpu_with(monkeypatch, *features)
     model = tiny_model("llama")
-    scores = engine.score(model, random_tokens(model, 2, 9), ["ppl"], iterative=1, progress=False)
+    scores = depthcut.score(model, random_tokens(model, 2, 9), ["ppl"], iterative=1, progress=False)
     assert scores.meta["dtype"] == expected and scores.meta["compute_dtype"].startswith(expected + " (")
     assert next(model.parameters()).dtype == torch.float32  # the pass ran on a copy
-    assert "compute_dtype" not in engine.score(model, random_tokens(model, 2, 9), ["magnitude"], progress=False).meta
+    assert "compute_dtype" not in depthcut.score(model, random_tokens(model, 2, 9), ["magnitude"], progress=False).meta
 
 
 def test_cli_prints_the_chosen_precision_and_refuses_fp16_compute(tiny_model_dir, tmp_path, capsys, monkeypatch):

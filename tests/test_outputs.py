@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from engine.cli import main
-from engine.errors import DepthcutError
-from engine.outputs import MANIFEST, atomic_path, atomic_write, check_output, clean_leftovers, written_by_depthcut
-from engine.scores import BlockScores
+from depthcut.cli import main
+from depthcut.errors import DepthcutError
+from depthcut.outputs import MANIFEST, atomic_path, atomic_write, check_output, clean_leftovers, written_by_depthcut
+from depthcut.scores import BlockScores
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -107,8 +107,8 @@ def test_marks_tell_depthcut_files_from_others(tmp_path, smollm2_tokenizer):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from engine.export_gguf import export_gguf
-    from engine.models import default_model_path
+    from depthcut.export_gguf import export_gguf
+    from depthcut.models import default_model_path
     from tiny_models import tiny_model
 
     scores = BlockScores({"ppl": [3.0, 1.0, 2.0]}, 3, {})
@@ -158,7 +158,7 @@ def test_leftovers_of_dead_runs_are_removed_and_a_hidden_folder_is_put_back(tmp_
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_folder_swap(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr("engine.outputs._exchange", lambda a, b: False)
+        monkeypatch.setattr("depthcut.outputs._exchange", lambda a, b: False)
     for content in ("old", "new"):
         with atomic_path(tmp_path / "m", is_dir=True) as tmp:
             (tmp / "w.txt").write_text(content)
@@ -182,8 +182,8 @@ def test_a_failed_write_leaves_the_old_output_and_no_temporary(tmp_path):
 DRIVER = """
 import os, sys, time
 from pathlib import Path
-import engine.outputs as outputs
-from engine.cli import main
+import depthcut.outputs as outputs
+from depthcut.cli import main
 
 point, ready, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 

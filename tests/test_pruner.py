@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import engine
-from engine import DepthcutError, blocks_for_ratio, prune_blocks, save_model
+import depthcut
+from depthcut import DepthcutError, blocks_for_ratio, prune_blocks, save_model
 from tiny_models import random_tokens, tiny_model
 
 
@@ -86,7 +86,7 @@ def test_bad_block_lists():
 def test_prune_by_scores_end_to_end_api():
     model = tiny_model("llama", num_hidden_layers=10)
     ids = random_tokens(model, 3, 17)
-    scores = engine.score(model, ids, ["ppl"], progress=False)
+    scores = depthcut.score(model, ids, ["ppl"], progress=False)
     blocks = scores.select("ppl", 2)
     pruned = prune_blocks(copy.deepcopy(model), blocks)
     expected = sorted(scores["ppl"][i] for i in range(4, 8))[:2]

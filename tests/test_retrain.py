@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.pruner import prune_blocks, save_model
-from engine.retrain import CausalLMLoss, RetrainConfig, cosine_schedule, retrain, window_order
-from engine.train_data import IGNORE_INDEX, TrainingSet
+from depthcut.pruner import prune_blocks, save_model
+from depthcut.retrain import CausalLMLoss, RetrainConfig, cosine_schedule, retrain, window_order
+from depthcut.train_data import IGNORE_INDEX, TrainingSet
 from tiny_models import random_tokens, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -129,7 +129,7 @@ def test_the_next_save_clears_a_checkpoint_a_killed_run_left_half_written(tmp_pa
 
 
 def test_a_new_run_over_an_earlier_runs_checkpoints_needs_force(tmp_path):
-    from engine.errors import DepthcutError
+    from depthcut.errors import DepthcutError
 
     data = _data(tiny_model("llama"))
     retrain(tiny_model("llama"), data, RetrainConfig(steps=5, batch_size=2, save_every=2), tmp_path, progress=False)
@@ -141,7 +141,7 @@ def test_a_new_run_over_an_earlier_runs_checkpoints_needs_force(tmp_path):
 
 
 def test_a_run_folder_with_someone_elses_files_is_refused(tmp_path):
-    from engine.errors import DepthcutError
+    from depthcut.errors import DepthcutError
 
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(DepthcutError, match=r"did not write \(notes.txt\)"):
@@ -151,7 +151,7 @@ def test_a_run_folder_with_someone_elses_files_is_refused(tmp_path):
 
 
 def test_resume_refuses_another_recipe(tmp_path):
-    from engine.errors import DepthcutError
+    from depthcut.errors import DepthcutError
 
     data = _data(tiny_model("llama"))
     retrain(tiny_model("llama"), data, RetrainConfig(steps=3, batch_size=2, save_every=2), tmp_path, progress=False)
@@ -161,7 +161,7 @@ def test_resume_refuses_another_recipe(tmp_path):
 
 
 def test_resume_refuses_a_damaged_checkpoint(tmp_path):
-    from engine.errors import DepthcutError
+    from depthcut.errors import DepthcutError
 
     data = _data(tiny_model("llama"))
     cfg = RetrainConfig(steps=3, batch_size=2, save_every=2)
@@ -197,14 +197,14 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     ({"steps": 1, "lora_dropout": 1.0}, "--lora-dropout"),
 ])
 def test_bad_recipes_are_refused(kwargs, message):
-    from engine.errors import DepthcutError
+    from depthcut.errors import DepthcutError
 
     with pytest.raises(DepthcutError, match=message):
         RetrainConfig(**kwargs)
 
 
 def test_fp16_training_on_the_cpu_is_refused_before_it_starts(tmp_path):
-    from engine.errors import DepthcutError
+    from depthcut.errors import DepthcutError
 
     model = tiny_model("llama", dtype=torch.float16)
     with pytest.raises(DepthcutError, match="fp16 training on the CPU"):
@@ -213,7 +213,7 @@ def test_fp16_training_on_the_cpu_is_refused_before_it_starts(tmp_path):
 
 
 def test_training_windows_longer_than_the_context_are_refused(tmp_path):
-    from engine.errors import DepthcutError
+    from depthcut.errors import DepthcutError
 
     model = tiny_model("llama", max_position_embeddings=16)
     with pytest.raises(DepthcutError, match="context"):

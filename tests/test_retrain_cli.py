@@ -89,7 +89,7 @@ def test_bad_retraining_input(tiny_model_dir, other_tokenizer_dir, tmp_path, cap
 
 def _cli(*args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return [sys.executable, "-m", "engine.cli", *map(str, args)], env
+    return [sys.executable, "-m", "depthcut.cli", *map(str, args)], env
 
 
 def _weights(folder: Path) -> dict:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine._ext import HAS_EXT
-from engine.kernels import decode_ops
-from engine.runtime import Runtime
+from depthcut._ext import HAS_EXT
+from depthcut.ops import decode_ops
+from depthcut.runtime import Runtime
 from tiny_models import FAMILIES as TINY
 from tiny_models import random_tokens, tiny_model
 
@@ -136,10 +136,10 @@ def test_rope_scaling_and_errors():
         Runtime.from_hf(tiny_model("llama")).generate(ids, 1 - mask, max_new_tokens=2)
 
 
-@pytest.mark.skipif(not HAS_EXT, reason="compiled extension engine._C not built")
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension depthcut._C not built")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compiled_cpu_step_equals_reference_step(family, monkeypatch):
-    """The decode step over engine._C's CPU kernels gives the step over the kernels'
+    """The decode step over depthcut._C's CPU kernels gives the step over the kernels'
     torch references the same logits at every position, past the sliding windows."""
     model = tiny_model(family)
     rt = Runtime.from_hf(model)
@@ -170,7 +170,7 @@ def test_kernel_decode_step_equals_hf(family):
     interpreter on the CPU: same greedy tokens as HF for a left-padded batch."""
     if torch.cuda.is_available():
         pytest.skip("covered on the device by test_cuda_graph_fp32_equals_hf")
-    from triton_kernels import decode as K
+    from depthcut.kernels import decode as K
 
     model = prune(tiny_model(family), range(3, 8))  # 3 blocks; Gemma's: sliding, full, sliding
     rt = Runtime.from_hf(model)
@@ -183,7 +183,7 @@ def test_kernel_decode_step_equals_hf(family):
 def test_speed_protocol_writes_json_and_plot(tmp_path):
     import json
 
-    from engine.speed import speed_protocol, tail_blocks
+    from depthcut.speed import speed_protocol, tail_blocks
 
     model = tiny_model("llama")
     res = speed_protocol(model, tail_blocks(8, 6), batch_sizes=[1, 2], new_tokens=[4], warmup=0, runs=1,

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from engine.runtime import Runtime
+from depthcut.runtime import Runtime
 from tiny_models import random_tokens, tiny_model
 
 NARROW = [torch.float16, torch.bfloat16]
@@ -67,7 +67,7 @@ def test_smollm2_narrow_weights_follow_hf_up_to_near_ties(smollm2, dtype):
 
 
 def test_default_weight_dtype_is_fp16_on_the_cpu_when_the_weights_fit(monkeypatch):
-    import engine.runtime as runtime
+    import depthcut.runtime as runtime
 
     model = tiny_model("llama")
     assert runtime.default_weight_dtype(model) == (torch.float16 if runtime.HAS_EXT else torch.float32)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from engine import BlockScores, DepthcutError, Protect
+from depthcut import BlockScores, DepthcutError, Protect
 
 
 def make(values, name="ppl"):

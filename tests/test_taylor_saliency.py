@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from triton_kernels.taylor_saliency import taylor_saliency, taylor_saliency_reference
+from depthcut.kernels.taylor_saliency import taylor_saliency, taylor_saliency_reference
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from engine.calibration import Calibration
-from engine.errors import DepthcutError
-from engine.train_data import (
+from depthcut.calibration import Calibration
+from depthcut.errors import DepthcutError
+from depthcut.train_data import (
     IGNORE_INDEX,
     Document,
     TrainingSet,

@@ -1,7 +1,7 @@
 """The one place that picks an implementation per device.
 
 CUDA tensors go to the Triton kernels, CPU tensors to the compiled ops
-(torch.ops.depthcut) when engine._C is built, else to the plain torch references.
+(torch.ops.depthcut) when depthcut._C is built, else to the plain torch references.
 DEPTHCUT_BACKEND=reference forces the references everywhere; DEPTHCUT_BACKEND=ext
 forces the compiled ops on every device (the CUDA build has its own kernels).
 Triton modules are imported only when needed, so CPU-only use never compiles them.
@@ -27,7 +27,7 @@ def _backend(device: torch.device) -> str:
         return "reference"
     if choice == "ext":
         if not HAS_EXT:
-            raise RuntimeError("DEPTHCUT_BACKEND=ext but the compiled extension engine._C is not built")
+            raise RuntimeError("DEPTHCUT_BACKEND=ext but the compiled extension depthcut._C is not built")
         return "ext"
     if device.type == "cuda":
         return "triton"
@@ -38,7 +38,7 @@ def _nll_forward(hidden, weight, targets, softcap):
     backend = _backend(hidden.device)
     if backend == "ext":
         return torch.ops.depthcut.linear_nll_forward(hidden, weight, targets, float(softcap or 0.0), 0)
-    from triton_kernels import linear_nll as K
+    from .kernels import linear_nll as K
 
     if backend == "triton":
         return K.linear_nll_forward(hidden, weight, targets, softcap=softcap)
@@ -46,7 +46,7 @@ def _nll_forward(hidden, weight, targets, softcap):
 
 
 def _has_ext_op(name: str, device: torch.device) -> bool:
-    """Whether engine._C has a kernel of op `name` for `device` (CUDA builds lack the training ops)."""
+    """Whether depthcut._C has a kernel of op `name` for `device` (CUDA builds lack the training ops)."""
     key = "CUDA" if device.type == "cuda" else "CPU"
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"depthcut::{name}", key)
@@ -62,7 +62,7 @@ def _nll_backward(hidden, weight, targets, lse, grad_nll, softcap, need_weight_g
         return torch.ops.depthcut.linear_nll_backward_full(hidden, weight, targets, lse, grad_nll, cap, 0)
     if backend == "ext" and not need_weight_grad:
         return torch.ops.depthcut.linear_nll_backward(hidden, weight, targets, lse, grad_nll, cap, 0), None
-    from triton_kernels import linear_nll as K
+    from .kernels import linear_nll as K
 
     if backend == "reference" or hidden.device.type != "cuda":
         grad_w = (K.linear_nll_backward_weight_reference(hidden, weight, targets, lse, grad_nll, softcap=softcap)
@@ -149,7 +149,7 @@ def _kl_forward(hs, ws, ht, wt, targets, softcap_s, softcap_t):
     if backend == "ext" and _has_ext_op("linear_kl_forward", hs.device):
         return torch.ops.depthcut.linear_kl_forward(hs, ws, ht, wt, targets, float(softcap_s or 0.0),
                                                    float(softcap_t or 0.0), 0)
-    from triton_kernels import linear_kl as K
+    from .kernels import linear_kl as K
 
     if backend != "reference" and hs.device.type == "cuda":
         return K.linear_kl_forward(hs, ws, ht, wt, targets, softcap_s, softcap_t)
@@ -163,7 +163,7 @@ def _kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, softcap_s, soft
             hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, float(softcap_s or 0.0), float(softcap_t or 0.0),
             need_weight_grad, 0)
         return grad_h, grad_w if need_weight_grad else None
-    from triton_kernels import linear_kl as K
+    from .kernels import linear_kl as K
 
     fn = (K.linear_kl_backward if backend != "reference" and hs.device.type == "cuda"
           else K.linear_kl_backward_reference)
@@ -212,7 +212,7 @@ def taylor_saliency(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> 
     backend = _backend(x.device)
     if backend == "ext":
         return torch.ops.depthcut.taylor_saliency(x, dy, weight)
-    from triton_kernels import taylor_saliency as K
+    from .kernels import taylor_saliency as K
 
     if backend == "triton":
         return K.taylor_saliency(x, dy, weight)
@@ -236,7 +236,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def decode_ops(device: torch.device, dtype: torch.dtype):
     """(add_rmsnorm, rope_cache_write, decode_attention, swiglu) for decode steps whose
-    activations are `dtype` on `device`, with the signatures of triton_kernels.decode:
+    activations are `dtype` on `device`, with the signatures of depthcut.kernels.decode:
     Triton on CUDA (there are no CUDA C++ decode kernels, so also under
     DEPTHCUT_BACKEND=ext), the compiled ops for fp32 on the CPU, else the references."""
     backend = _backend(device)
@@ -248,7 +248,7 @@ def decode_ops(device: torch.device, dtype: torch.dtype):
                                         float(softcap or 0.0))
 
         return ops.add_rmsnorm, ops.rope_cache_write, attention, lambda gu, gelu=False: ops.swiglu(gu, gelu)
-    from triton_kernels import decode as K
+    from .kernels import decode as K
 
     if device.type == "cuda" and backend != "reference":
         return K.add_rmsnorm, K.rope_cache_write, K.decode_attention, K.swiglu
