@@ -105,6 +105,8 @@ def _add_calibration(p):
 
 
 def _add_scoring(p):
+    from .scoring import ANGULAR_TOKENS
+
     g = p.add_argument_group("scoring")
     g.add_argument("--backend", choices=("fused", "reference"), default="fused")
     g.add_argument("--compute-dtype", choices=sorted(DTYPES), default="auto",
@@ -113,6 +115,9 @@ def _add_scoring(p):
                         "on a GPU the model's dtype. fp16 is GPU-only")
     g.add_argument("--window", type=_positive_int, action="append", default=[],
                    help="angular-distance window (repeatable)")
+    g.add_argument("--angular-tokens", choices=ANGULAR_TOKENS, default="all",
+                   help="angular distance over every token, or PruneMe's last token of each window (with the "
+                        "final norm on the last block's output)")
     g.add_argument("--max-memory", type=_size, default=None, help="memory budget of the pass, e.g. 8GiB")
     g.add_argument("--keep-first", type=_non_negative_int, default=4, help="'+' heuristic: first blocks never pruned")
     g.add_argument("--keep-last", type=_non_negative_int, default=2, help="'+' heuristic: last blocks never pruned")
@@ -360,7 +365,8 @@ def _score(args, model, calibration, criteria, iterative=0):
         raise DepthcutError(f"--keep-first {args.keep_first} and --keep-last {args.keep_last} protect all {n} blocks; "
                             "nothing could be pruned")
     return score(model, calibration, criteria, backend=args.backend, windows=args.window, iterative=iterative,
-                 protect=_protect(args), max_memory=args.max_memory, dtype=_dtype(args.compute_dtype))
+                 protect=_protect(args), max_memory=args.max_memory, dtype=_dtype(args.compute_dtype),
+                 angular_tokens=args.angular_tokens)
 
 
 def _table(rows: list[list], header: list[str]) -> str:

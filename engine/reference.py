@@ -86,11 +86,14 @@ def magnitude_scores(model) -> list[float]:
 
 
 @torch.no_grad()
-def stream_scores(model, input_ids: torch.Tensor, windows=(1,), batch_size: int = 10) -> dict[str, list[float]]:
+def stream_scores(model, input_ids: torch.Tensor, windows=(1,), batch_size: int = 10,
+                  angular_tokens: str = "all") -> dict[str, list[float]]:
     """Block Influence and angular distances from the full model's residual stream.
 
     BI_i = 1 − mean cos(h_i, h_{i+1}); angular<n>_i = mean arccos(cos(h_i, h_{i+n}))/π, the
     mean over all tokens, h_i the stream entering block i (h_L leaving the last block).
+    ``angular_tokens="last"``: PruneMe's angular distance, over each window's last token, with
+    h_L after the final norm.
     """
     adapter = ModelAdapter(model)
     device = next(model.parameters()).device
@@ -106,10 +109,17 @@ def stream_scores(model, input_ids: torch.Tensor, windows=(1,), batch_size: int 
     finally:
         for h in hooks:
             h.remove()
-    h = [torch.cat([s[i] for s in streams]).flatten(0, 1) for i in range(adapter.num_blocks + 1)]
+    per_window = [torch.cat([s[i] for s in streams]) for i in range(adapter.num_blocks + 1)]  # [N, T, H] each
+    h = [x.flatten(0, 1) for x in per_window]
+    if angular_tokens == "last":
+        ends = [x[:, -1] for x in per_window]
+        with torch.no_grad():
+            ends[-1] = adapter.final_norm(ends[-1].to(next(model.parameters()).dtype)).float()
+    else:
+        ends = h
     cos = lambda a, b: F.cosine_similarity(a, b, dim=-1)
     out = {"bi": [1 - cos(h[i], h[i + 1]).mean().item() for i in range(adapter.num_blocks)]}
     for n in windows:
-        out[f"angular{n}"] = [(torch.arccos(cos(h[i], h[i + n]).clamp(-1, 1)) / math.pi).mean().item()
+        out[f"angular{n}"] = [(torch.arccos(cos(ends[i], ends[i + n]).clamp(-1, 1)) / math.pi).mean().item()
                               for i in range(adapter.num_blocks - n + 1)]
     return out

@@ -14,6 +14,9 @@ from .scores import ALL_CRITERIA, BlockScores, Protect
 from .single_pass import iterative_ppl, score_single_pass
 
 BACKENDS = ("fused", "reference")
+# "all": the angle averaged over every token; "last": PruneMe's, over each window's last token
+# with the final norm on the last block's output (docs/DESIGN.md, "Criteria").
+ANGULAR_TOKENS = ("all", "last")
 
 
 def parse_criteria(criteria: str | Iterable[str]) -> list[str]:
@@ -36,12 +39,13 @@ def score(
     max_memory: int | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    angular_tokens: str = "all",
 ) -> BlockScores:
     """Score every block of ``model`` on the calibration windows.
 
     ``calibration`` is a :class:`Calibration` or a ready ``[N, T]`` int64 tensor of token ids.
     ``criteria`` from ppl, taylor, magnitude, bi, angular (``windows`` lists the angular
-    window sizes, default 1). ``iterative=k`` adds SLEB-style iterative PPL for k removals.
+    window sizes, default 1; ``angular_tokens`` one of :data:`ANGULAR_TOKENS`). ``iterative=k`` adds SLEB-style iterative PPL for k removals.
     ``dtype`` is the precision of the fused pass; None chooses by :func:`models.compute_dtype`
     (bf16 only on CPUs with native bf16, the model's own on the GPU); ``meta["compute_dtype"]``
     says which and why.
@@ -51,7 +55,9 @@ def score(
     names = parse_criteria(criteria)
     if backend not in BACKENDS:
         raise DepthcutError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
-    for ok, problem in ((iterative >= 0, f"iterative must be >= 0, got {iterative}"),
+    for ok, problem in ((angular_tokens in ANGULAR_TOKENS,
+                         f"angular_tokens must be one of {', '.join(ANGULAR_TOKENS)}, got {angular_tokens!r}"),
+                        (iterative >= 0, f"iterative must be >= 0, got {iterative}"),
                         (max_memory is None or max_memory >= 1, f"max_memory must be at least 1 byte, got {max_memory}"),
                         (all(int(w) >= 1 for w in windows), f"angular windows must be >= 1, got {list(windows)}")):
         if not ok:
@@ -61,7 +67,7 @@ def score(
     protect = protect or Protect()
     t0 = time.perf_counter()
     scores: dict[str, list[float]] = {}
-    meta: dict = {"backend": backend, "criteria": names, "tokens": ids.numel(),
+    meta: dict = {"backend": backend, "criteria": names, "tokens": ids.numel(), "angular_tokens": angular_tokens,
                   "calibration_shape": list(ids.shape)}
     if isinstance(calibration, Calibration):
         meta["calibration"] = calibration.describe()
@@ -70,7 +76,8 @@ def score(
         first = next(model.parameters())
         dtype, meta["compute_dtype"] = compute_dtype(first.device, first.dtype, dtype)
     if backend == "fused" and data_criteria:
-        fused, facts = score_single_pass(model, ids, data_criteria, windows, max_memory, dtype, progress)
+        fused, facts = score_single_pass(model, ids, data_criteria, windows, max_memory, dtype, progress,
+                                         angular_tokens)
         scores.update(fused)
         meta.update(facts)
     elif data_criteria:
@@ -79,7 +86,7 @@ def score(
         if "taylor" in names:
             scores["taylor"] = reference.taylor_scores(model, ids)
         if {"bi", "angular"} & data_criteria:
-            stream = reference.stream_scores(model, ids, windows)
+            stream = reference.stream_scores(model, ids, windows, angular_tokens=angular_tokens)
             wanted = lambda key: key.rstrip("0123456789") in names  # noqa: E731 ("angular3" -> "angular")
             scores.update({k: v for k, v in stream.items() if wanted(k)})
     if "magnitude" in names:

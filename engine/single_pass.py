@@ -214,12 +214,13 @@ class SinglePass:
     """One walk over the calibration set for the chosen criteria (see module docstring)."""
 
     def __init__(self, model, criteria: set[str], windows: tuple[int, ...] = (), max_memory: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, angular_tokens: str = "all"):
         if dtype is not None and dtype != next(model.parameters()).dtype:
             model = copy.deepcopy(model).to(dtype)
         self.adapter = ModelAdapter(model)
         self.criteria = criteria
         self.windows = tuple(sorted(set(windows)))
+        self.angular_tokens = angular_tokens
         self.max_memory = max_memory
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -291,14 +292,22 @@ class SinglePass:
                 stream.append(buf[0].clone())
             bar.update()
         result.bi = _add(result.bi, cos_sum.cpu())
+        ends = stream if self.angular_tokens == "all" else self._pruneme_view(stream)
         for w in self.windows:
-            ang = torch.stack([(torch.arccos(_cos(stream[p], stream[p + w]).clamp(-1, 1)) / math.pi).sum()
+            ang = torch.stack([(torch.arccos(_cos(ends[p], ends[p + w]).clamp(-1, 1)) / math.pi).sum()
                                for p in range(L - w + 1)])
             result.angular[w] = _add(result.angular.get(w), ang.double().cpu())
         result.nll = _add(result.nll, self._variant_nll(buf[:plan.variants], ids).cpu())
         if taylor is not None:
             first_order = self._backward(calls, stream, ids, layer_ids, result.count, taylor, bar)
             result.first_order = _add(result.first_order, first_order)
+
+    def _pruneme_view(self, stream: list[torch.Tensor]) -> list[torch.Tensor]:
+        """PruneMe's convention (docs/DESIGN.md, "Criteria"): each window's last token only, and
+        the last block's output after the final norm, as Hugging Face's hidden_states give it."""
+        ends = [h[:, -1] for h in stream]
+        ends[-1] = self.adapter.final_norm(ends[-1])
+        return ends
 
     def _head(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         normed = self.adapter.final_norm(hidden[:, :-1]).flatten(0, 1)
@@ -341,10 +350,10 @@ def _add(total, part):
 
 
 def score_single_pass(model, input_ids: torch.Tensor, criteria: set[str], windows=(), max_memory=None,
-                      dtype=None, progress=True) -> tuple[dict[str, list[float]], dict]:
+                      dtype=None, progress=True, angular_tokens: str = "all") -> tuple[dict[str, list[float]], dict]:
     """Scores of every requested criterion from one walk; plus facts about the run."""
     t0 = time.perf_counter()
-    sp = SinglePass(model, criteria, windows, max_memory, dtype)
+    sp = SinglePass(model, criteria, windows, max_memory, dtype, angular_tokens)
     r = sp.run(input_ids, progress=progress)
     L = r.num_blocks
     scores: dict[str, list[float]] = {}
@@ -356,8 +365,9 @@ def score_single_pass(model, input_ids: torch.Tensor, criteria: set[str], window
         scores["taylor_ppl_estimate"] = [math.exp(full_loss - g) for g in r.first_order.tolist()]
     if "bi" in criteria:
         scores["bi"] = (1 - r.bi / r.tokens).tolist()
+    angles_per_window = r.tokens if angular_tokens == "all" else len(input_ids)
     for w, v in r.angular.items():
-        scores[f"angular{w}"] = (v / r.tokens).tolist()
+        scores[f"angular{w}"] = (v / angles_per_window).tolist()
     meta = {
         "backend": "fused",
         "dense_ppl": math.exp(full_loss),

@@ -73,6 +73,30 @@ def test_block_influence_matches_its_definition():
     assert rel(got["angular2"], ang2) < 1e-4
 
 
+def pruneme_angular(model, ids, n):
+    """PruneMe's angular distance, as its code computes it: Hugging Face's hidden_states (the last
+    one after the final norm), the last token of each sequence, averaged over sequences."""
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    last = [h[:, -1] for h in hs]
+    return [(torch.arccos(F.cosine_similarity(last[i], last[i + n], dim=-1).clamp(-1, 1)) / math.pi).mean().item()
+            for i in range(len(last) - n)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_last_token_angular_reproduces_pruneme(backend, family):
+    model = tiny_model(family, seed=8)
+    ids = random_tokens(model, 5, 13, seed=9)
+    got = depthcut.score(model, ids, ["angular"], backend=backend, windows=[1, 3], angular_tokens="last",
+                         dtype=torch.float32, progress=False)
+    for n in (1, 3):
+        assert rel(got[f"angular{n}"], pruneme_angular(model, ids, n)) < 1e-4
+    every_token = depthcut.score(model, ids, ["angular"], backend=backend, progress=False, dtype=torch.float32)
+    assert rel(got["angular1"], every_token["angular1"]) > 1e-2  # the two conventions differ
+    assert got.meta["angular_tokens"] == "last"
+
+
 ALL = ["ppl", "taylor", "magnitude", "bi", "angular"]
 
 
