@@ -108,7 +108,8 @@ def _add_scoring(p):
     from .scoring import ANGULAR_TOKENS
 
     g = p.add_argument_group("scoring")
-    g.add_argument("--backend", choices=("fused", "reference"), default="fused")
+    g.add_argument("--scorer", choices=("fused", "reference"), default="fused",
+                   help="fused: every criterion in one pass; reference: the straightforward implementations")
     g.add_argument("--compute-dtype", choices=sorted(DTYPES), default="auto",
                    help="precision of the fused pass; auto: bf16 on CPUs with native bf16 (AVX512-BF16, AMX "
                         "or Arm BF16; ~1.8x faster there, several times slower where emulated), else fp32; "
@@ -194,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--backend", choices=("runtime", "hf"), default="runtime",
+    p.add_argument("--runner", choices=("runtime", "hf"), default="runtime",
                    help="depthcut's static-cache runtime, or Hugging Face generate to compare")
     p.add_argument("--runtime-dtype", choices=sorted(DTYPES), default="auto",
                    help="runtime weight dtype; auto: fp16 on the CPU (fp32 arithmetic, half the bytes) "
@@ -364,7 +365,7 @@ def _score(args, model, calibration, criteria, iterative=0):
     if not _protect(args).allowed(n):
         raise DepthcutError(f"--keep-first {args.keep_first} and --keep-last {args.keep_last} protect all {n} blocks; "
                             "nothing could be pruned")
-    return score(model, calibration, criteria, backend=args.backend, windows=args.window, iterative=iterative,
+    return score(model, calibration, criteria, scorer=args.scorer, windows=args.window, iterative=iterative,
                  protect=_protect(args), max_memory=args.max_memory, dtype=_dtype(args.compute_dtype),
                  angular_tokens=args.angular_tokens)
 
@@ -412,7 +413,7 @@ def cmd_score(args):
         steps = ", ".join(f"{b} ({p:.2f})" for b, p in zip(meta["iterative"]["order"], meta["iterative"]["ppl_after_each"]))
         print(f"iterative PPL removal order (perplexity after each): {steps}")
     print(f"scored {scores.num_blocks} blocks on {calibration.num_tokens} tokens in {scores.meta['seconds']:.1f} s "
-          f"({meta['backend']}{'; ' + meta['compute_dtype'] if 'compute_dtype' in meta else ''}); "
+          f"({meta['scorer']}{'; ' + meta['compute_dtype'] if 'compute_dtype' in meta else ''}); "
           f"wrote {out} and {out.with_suffix('.png')}")
 
 
@@ -646,14 +647,14 @@ def cmd_generate(args):
         raise DepthcutError(f"{ids.shape[1]} prompt tokens and --max-new-tokens {args.max_new_tokens} exceed the "
                             f"model's context of {context} tokens")
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if args.backend == "runtime":
+    if args.runner == "runtime":
         from .runtime import Runtime, default_weight_dtype
 
         weights = _dtype(args.runtime_dtype) or default_weight_dtype(model)
         try:
             runtime = Runtime.from_hf(model, dtype=weights)
         except ValueError as e:
-            raise DepthcutError(f"{e} (use --backend hf)") from None
+            raise DepthcutError(f"{e} (use --runner hf)") from None
         generator = torch.Generator(device=ids.device).manual_seed(args.seed)
         eos = tokenizer.eos_token_id
         tokens, stats = runtime.generate(ids, max_new_tokens=args.max_new_tokens,

@@ -1,6 +1,6 @@
 """The reference criteria (docs/DESIGN.md, "Criteria") computed the straightforward way, on the whole model.
 
-This is the yardstick the single-pass scorer is tested against (``--backend reference``):
+This is the yardstick the single-pass scorer is tested against (``--scorer reference``):
 PPL skips each block in place and runs the whole model; Taylor takes autograd weight
 gradients of the mean NLL over the whole calibration set, signed, then sums |W ⊙ ∂L/∂W|.
 """

@@ -1,4 +1,4 @@
-"""``score``: calibration tokens in, per-block scores out, from the fused or reference backend."""
+"""``score``: calibration tokens in, per-block scores out, from the fused or reference scorer."""
 from __future__ import annotations
 
 import time
@@ -13,7 +13,7 @@ from .models import ModelAdapter, compute_dtype
 from .scores import ALL_CRITERIA, BlockScores, Protect
 from .single_pass import iterative_ppl, score_single_pass
 
-BACKENDS = ("fused", "reference")
+SCORERS = ("fused", "reference")
 # "all": the angle averaged over every token; "last": PruneMe's, over each window's last token
 # with the final norm on the last block's output (docs/DESIGN.md, "Criteria").
 ANGULAR_TOKENS = ("all", "last")
@@ -32,7 +32,7 @@ def score(
     model,
     calibration: Calibration | torch.Tensor,
     criteria: str | Iterable[str] = ("ppl", "taylor", "magnitude"),
-    backend: str = "fused",
+    scorer: str = "fused",
     windows: Iterable[int] = (),
     iterative: int = 0,
     protect: Protect | None = None,
@@ -53,8 +53,8 @@ def score(
     """
     ids = as_token_ids(calibration, model)  # vocabulary and context checked before any work
     names = parse_criteria(criteria)
-    if backend not in BACKENDS:
-        raise DepthcutError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
+    if scorer not in SCORERS:
+        raise DepthcutError(f"unknown scorer '{scorer}'; choose from {', '.join(SCORERS)}")
     for ok, problem in ((angular_tokens in ANGULAR_TOKENS,
                          f"angular_tokens must be one of {', '.join(ANGULAR_TOKENS)}, got {angular_tokens!r}"),
                         (iterative >= 0, f"iterative must be >= 0, got {iterative}"),
@@ -67,15 +67,15 @@ def score(
     protect = protect or Protect()
     t0 = time.perf_counter()
     scores: dict[str, list[float]] = {}
-    meta: dict = {"backend": backend, "criteria": names, "tokens": ids.numel(), "angular_tokens": angular_tokens,
+    meta: dict = {"scorer": scorer, "criteria": names, "tokens": ids.numel(), "angular_tokens": angular_tokens,
                   "calibration_shape": list(ids.shape)}
     if isinstance(calibration, Calibration):
         meta["calibration"] = calibration.describe()
     data_criteria = {c for c in names if c != "magnitude"}
-    if (backend == "fused" and data_criteria) or iterative:
+    if (scorer == "fused" and data_criteria) or iterative:
         first = next(model.parameters())
         dtype, meta["compute_dtype"] = compute_dtype(first.device, first.dtype, dtype)
-    if backend == "fused" and data_criteria:
+    if scorer == "fused" and data_criteria:
         fused, facts = score_single_pass(model, ids, data_criteria, windows, max_memory, dtype, progress,
                                          angular_tokens)
         scores.update(fused)

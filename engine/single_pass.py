@@ -369,7 +369,7 @@ def score_single_pass(model, input_ids: torch.Tensor, criteria: set[str], window
     for w, v in r.angular.items():
         scores[f"angular{w}"] = (v / angles_per_window).tolist()
     meta = {
-        "backend": "fused",
+        "scorer": "fused",
         "dense_ppl": math.exp(full_loss),
         "seconds": time.perf_counter() - t0,
         "windows_per_chunk": sp.plan.windows_per_chunk,

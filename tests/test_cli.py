@@ -104,18 +104,18 @@ def test_prune_and_export_gguf(tiny_model_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("backend", ["runtime", "hf"])
-def test_generate_prints_text_and_speed(tiny_model_dir, backend, capsys):
-    assert run("generate", tiny_model_dir, "--prompt", "def f(x):", "--max-new-tokens", 6, "--backend", backend) == 0
+@pytest.mark.parametrize("runner", ["runtime", "hf"])
+def test_generate_prints_text_and_speed(tiny_model_dir, runner, capsys):
+    assert run("generate", tiny_model_dir, "--prompt", "def f(x):", "--max-new-tokens", 6, "--runner", runner) == 0
     captured = capsys.readouterr()
     assert captured.out.strip()
-    assert "decode:" in captured.err and "tok/s" in captured.err and f"({backend}" in captured.err
+    assert "decode:" in captured.err and "tok/s" in captured.err and f"({runner}" in captured.err
 
 
 def test_runtime_and_hf_generate_agree(tiny_model_dir, capsys):
     texts = []
-    for backend in ("runtime", "hf"):
-        run("generate", tiny_model_dir, "--prompt", "import os", "--max-new-tokens", 8, "--backend", backend)
+    for runner in ("runtime", "hf"):
+        run("generate", tiny_model_dir, "--prompt", "import os", "--max-new-tokens", 8, "--runner", runner)
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1]
 

@@ -57,7 +57,7 @@ ROWS = [  # (arguments, a fragment of the one-line error)
     (["eval", M, "--seq-len", "300"], "300-token windows are longer than the model's context of 256"),
     (["generate", M, "--prompt", "hi", "--max-new-tokens", "100000"],
      "--max-new-tokens 100000 exceed the model's context of 256 tokens"),
-    (["generate", M, "--prompt", "hi " * 300, "--max-new-tokens", "1", "--backend", "hf"],
+    (["generate", M, "--prompt", "hi " * 300, "--max-new-tokens", "1", "--runner", "hf"],
      "exceed the model's context"),
     (BENCH + ["--new-tokens", "1000"],
      "32-token prompts and 1000 new tokens exceed the model's context of 256 tokens"),
@@ -197,10 +197,10 @@ def test_hf_decode_speed_is_a_real_figure(tiny_model_dir, capsys):
     """With one new token there is no decode to time; with several the rate is from the
     generate loop itself (it once printed 4e9 tok/s from a separately timed prefill)."""
     assert main(["generate", str(tiny_model_dir), "--prompt", "def f(x):", "--max-new-tokens", "1",
-                 "--backend", "hf"]) == 0
+                 "--runner", "hf"]) == 0
     assert "decode: n/a" in capsys.readouterr().err
     assert main(["generate", str(tiny_model_dir), "--prompt", "def f(x):", "--max-new-tokens", "8",
-                 "--backend", "hf"]) == 0
+                 "--runner", "hf"]) == 0
     rate = float(re.search(r"decode: ([0-9.]+) tok/s", capsys.readouterr().err).group(1))
     assert 0 < rate < 1e5
 

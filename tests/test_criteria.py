@@ -83,16 +83,16 @@ def pruneme_angular(model, ids, n):
             for i in range(len(last) - n)]
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("scorer", ["reference", "fused"])
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_last_token_angular_reproduces_pruneme(backend, family):
+def test_last_token_angular_reproduces_pruneme(scorer, family):
     model = tiny_model(family, seed=8)
     ids = random_tokens(model, 5, 13, seed=9)
-    got = depthcut.score(model, ids, ["angular"], backend=backend, windows=[1, 3], angular_tokens="last",
+    got = depthcut.score(model, ids, ["angular"], scorer=scorer, windows=[1, 3], angular_tokens="last",
                          dtype=torch.float32, progress=False)
     for n in (1, 3):
         assert rel(got[f"angular{n}"], pruneme_angular(model, ids, n)) < 1e-4
-    every_token = depthcut.score(model, ids, ["angular"], backend=backend, progress=False, dtype=torch.float32)
+    every_token = depthcut.score(model, ids, ["angular"], scorer=scorer, progress=False, dtype=torch.float32)
     assert rel(got["angular1"], every_token["angular1"]) > 1e-2  # the two conventions differ
     assert got.meta["angular_tokens"] == "last"
 
@@ -105,8 +105,8 @@ ALL = ["ppl", "taylor", "magnitude", "bi", "angular"]
 def test_fused_equals_reference(family, max_memory):
     model = tiny_model(family, seed=6)
     ids = random_tokens(model, 4, 23, seed=7)
-    ref = depthcut.score(model, ids, ALL, backend="reference", windows=[1, 3], progress=False)
-    fused = depthcut.score(model, ids, ALL, backend="fused", windows=[1, 3], max_memory=max_memory, dtype=torch.float32,
+    ref = depthcut.score(model, ids, ALL, scorer="reference", windows=[1, 3], progress=False)
+    fused = depthcut.score(model, ids, ALL, scorer="fused", windows=[1, 3], max_memory=max_memory, dtype=torch.float32,
                          progress=False)
     if max_memory:
         assert fused.meta["windows_per_chunk"] == 1 and fused.meta["taylor_accumulator_bytes"] > 0
@@ -170,20 +170,20 @@ def test_first_order_estimate_tracks_ppl():
     assert abs(s.meta["dense_ppl"] - perplexity(model, ids)) / s.meta["dense_ppl"] < 1e-5
 
 
-def test_bad_criteria_and_backend():
+def test_bad_criteria_and_scorer():
     model = tiny_model("llama")
     ids = random_tokens(model, 2, 9)
     with pytest.raises(depthcut.DepthcutError, match="unknown criteria"):
         depthcut.score(model, ids, ["perplexity"])
-    with pytest.raises(depthcut.DepthcutError, match="unknown backend"):
-        depthcut.score(model, ids, ["ppl"], backend="magic")
+    with pytest.raises(depthcut.DepthcutError, match="unknown scorer"):
+        depthcut.score(model, ids, ["ppl"], scorer="magic")
 
 
 def test_without_ppl_only_the_full_stream_is_walked():
     model = tiny_model("qwen3", seed=12)
     ids = random_tokens(model, 3, 19)
     alone = depthcut.score(model, ids, ["taylor", "bi"], dtype=torch.float32, progress=False)
-    ref = depthcut.score(model, ids, ["taylor", "bi"], backend="reference", progress=False)
+    ref = depthcut.score(model, ids, ["taylor", "bi"], scorer="reference", progress=False)
     assert alone.meta["block_evaluations"] == 8
     for c in ("taylor", "bi"):
         assert rel(alone[c], ref[c]) < 1e-4

@@ -39,7 +39,7 @@ def scored(case: str):
     family, overrides = CASES[case]
     model = tiny_model(family, **overrides)
     ids = random_tokens(model, 3, SEQ_LEN)
-    run = lambda backend: depthcut.score(model, ids, CRITERIA, backend=backend, windows=[1, 3], dtype=torch.float32,
+    run = lambda scorer: depthcut.score(model, ids, CRITERIA, scorer=scorer, windows=[1, 3], dtype=torch.float32,
                                        progress=False)
     return model, ids, run("fused"), run("reference")
 

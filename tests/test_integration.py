@@ -40,7 +40,7 @@ def test_scores_are_finite_and_early_blocks_matter(fused):
 def test_fused_equals_reference_on_the_real_model(smollm2, calib):
     model = smollm2[0]
     ids = calib.input_ids[:4, :64]  # the reference path is slow on 2 cores; exactness needs no more
-    ref = depthcut.score(model, ids, ["ppl", "taylor", "bi"], backend="reference", progress=False)
+    ref = depthcut.score(model, ids, ["ppl", "taylor", "bi"], scorer="reference", progress=False)
     fused = depthcut.score(model, ids, ["ppl", "taylor", "bi"], dtype=torch.float32, progress=False)
     for c in ("ppl", "taylor", "bi"):
         err = max(abs(a - b) / abs(b) for a, b in zip(fused[c], ref[c]))
