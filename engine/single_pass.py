@@ -112,8 +112,13 @@ class TaylorAccumulator:
         self.other_params = {i: [p for p in adapter.layers[i].parameters() if id(p) not in linear_weights]
                              for i in layer_ids}
         self.grads: dict[nn.Linear, torch.Tensor] = {}
-        self.accumulator_bytes = 0 if self.fused else sum(
-            m.weight.numel() * 4 for ms in self.linears.values() for m in ms)
+        self.accumulator_bytes = 0 if self.fused else self.bytes_needed(adapter, layer_ids)
+
+    @staticmethod
+    def bytes_needed(adapter: ModelAdapter, layer_ids: list[int]) -> int:
+        """The fp32 accumulators of every linear weight of the blocks (several chunks only)."""
+        return sum(m.weight.numel() * 4 for i in layer_ids for m in adapter.layers[i].modules()
+                   if isinstance(m, nn.Linear))
 
     @contextmanager
     def recording(self, pos: int, i: int):
@@ -128,7 +133,7 @@ class TaylorAccumulator:
                     self.scores[pos] += taylor_saliency(x2, dy2, module.weight.detach()).item()
                 else:
                     g = self.grads.setdefault(module, torch.zeros_like(module.weight, dtype=torch.float32))
-                    g.addmm_(dy2.t().float(), x2.float())
+                    g.add_(_weight_grad_fp32(dy2, x2))
 
             out.register_hook(grad_hook)
 
@@ -183,14 +188,18 @@ def default_budget(device: torch.device) -> int:
 
 
 def make_plan(adapter: ModelAdapter, n_windows: int, seq_len: int, dtype: torch.dtype, device: torch.device,
-              max_memory: int | None, keep_stream: bool, variants: int) -> Plan:
-    """Windows per token chunk from the buffer size, variants per call from activation size."""
+              max_memory: int | None, kept_streams: int, variants: int, reserved: int = 0) -> Plan:
+    """Windows per token chunk from the buffer size, variants per call from activation size.
+
+    ``kept_streams`` full-model streams are kept beside the variant stack (one per block
+    boundary for Taylor and angular distance); ``reserved`` bytes are held for the whole pass
+    (Taylor's accumulators when the set takes several chunks)."""
     cfg = adapter.config
     esize = torch.finfo(dtype).bits // 8
     hidden = cfg.hidden_size
-    budget = max_memory or default_budget(device)
+    budget = max(1, (max_memory or default_budget(device)) - reserved)
     slots = variants
-    per_window = slots * seq_len * hidden * esize * (2 if keep_stream else 1)
+    per_window = (slots + kept_streams) * seq_len * hidden * esize
     windows = max(1, min(n_windows, int(budget * 0.5) // max(per_window, 1)))
     heads = cfg.num_attention_heads
     per_row = seq_len * (8 * hidden + 3 * cfg.intermediate_size + 2 * heads * seq_len) * esize
@@ -236,8 +245,12 @@ class SinglePass:
         want_taylor = "taylor" in self.criteria
         keep_stream = want_taylor or bool(self.windows)
         variants = len(layer_ids) + 1 if "ppl" in self.criteria else 1
-        plan = make_plan(adapter, n_windows, seq_len, self.dtype, self.device, self.max_memory, keep_stream,
-                         variants)
+        kept = len(layer_ids) + 1 if keep_stream else 0
+        plan = make_plan(adapter, n_windows, seq_len, self.dtype, self.device, self.max_memory, kept, variants)
+        if want_taylor and plan.windows_per_chunk < n_windows:  # several chunks: fp32 dW sums for the whole pass
+            reserved = TaylorAccumulator.bytes_needed(adapter, layer_ids)
+            plan = make_plan(adapter, n_windows, seq_len, self.dtype, self.device, self.max_memory, kept, variants,
+                             reserved)
         calls = BlockCalls(adapter, seq_len, self.device)
         result = PassResult(len(layer_ids))
         chunks = range(0, n_windows, plan.windows_per_chunk)
@@ -298,6 +311,7 @@ class SinglePass:
                                for p in range(L - w + 1)])
             result.angular[w] = _add(result.angular.get(w), ang.double().cpu())
         result.nll = _add(result.nll, self._variant_nll(buf[:plan.variants], ids).cpu())
+        del buf, h_in  # the variant stack is not needed by the backward: free it first
         if taylor is not None:
             first_order = self._backward(calls, stream, ids, layer_ids, result.count, taylor, bar)
             result.first_order = _add(result.first_order, first_order)
@@ -339,6 +353,15 @@ class SinglePass:
                 grad = x.grad
                 bar.update()
         return first_order
+
+
+def _weight_grad_fp32(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy.T @ x summed and returned in fp32. On CUDA a bf16/fp16 GEMM with an fp32 output
+    (``out_dtype``) runs at the tensor cores' rate; an fp32 GEMM there is ~15x slower. The CPU
+    has no such GEMM in torch, so it computes in fp32."""
+    if dy.is_cuda and dy.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(dy.t(), x, out_dtype=torch.float32)
+    return dy.t().float() @ x.float()
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
