@@ -10,11 +10,8 @@ within this one run.
     python benchmarks/bench_decode.py --shape llama7b --keep 26 --batch-sizes 1 --new-tokens 128
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from depthcut.cli import main  # noqa: E402
+from depthcut.cli import main  # building its parser imports no optional package (gguf, datasets)
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "--out", "benchmarks/results/decode", *sys.argv[1:]]))
