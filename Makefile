@@ -14,7 +14,8 @@ export TRANSFORMERS_VERBOSITY := error
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+# --no-build-isolation: _C is compiled here, in place, against the torch of $(VENV) (see setup.py).
+$(STAMP): pyproject.toml setup.py engine/_ext.py $(wildcard csrc/*)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q "$(TORCH)" ninja
@@ -37,4 +38,4 @@ llama-cpp: $(STAMP)
 		$(BIN)/python -m pip install -q llama-cpp-python
 
 clean:
-	rm -rf $(VENV) $(OUT) build *.egg-info engine/_C*.so
+	rm -rf $(VENV) $(OUT) build *.egg-info engine/_C*.so engine/_C_torch.txt

@@ -1,46 +1,42 @@
 """Builds the optional compiled ops `depthcut._C` (metadata lives in pyproject.toml).
 
-C++ CPU ops always; the CUDA ops too when torch is a CUDA build and nvcc is found.
+Only where torch is importable while building: `pip install --no-build-isolation .` and
+`make install` compile csrc/ against the torch installed there, with ninja, and record that
+torch beside the module. A plain `pip install .` or `pip wheel .` builds in an isolated
+environment without torch: the wheel is pure Python and carries csrc/ as package data, and
+the first `import depthcut` compiles it for the user's torch (engine/_ext.py).
 DEPTHCUT_NO_EXT=1 skips the extension: depthcut then runs on Triton / pure torch.
 """
-import glob
+import importlib.util
 import os
-import shutil
+from pathlib import Path
 
 from setuptools import setup
 
 
 def _ext_modules():
-    if os.environ.get("DEPTHCUT_NO_EXT") == "1":
+    if os.environ.get("DEPTHCUT_NO_EXT") == "1" or importlib.util.find_spec("torch") is None:
         return [], {}
-    import torch
     from torch.utils import cpp_extension
 
-    root = os.path.dirname(os.path.abspath(__file__))
-    cpp = sorted(glob.glob(os.path.join(root, "csrc", "*.cpp")))
-    cu = sorted(glob.glob(os.path.join(root, "csrc", "*.cu")))
-    cxx = ["-O3", "-fno-math-errno", "-fopenmp-simd"]  # omp simd: vectorised reductions
-    link = []
-    if torch.backends.openmp.is_available():
-        # ATen's parallel_for runs on OpenMP here; the flag also makes omp pragmas and
-        # the OpenMP runtime of torch visible to our code.
-        cxx.append("-fopenmp")
-        link.append("-fopenmp")
-    have_nvcc = cpp_extension.CUDA_HOME is not None and (
-        shutil.which("nvcc") or os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
-    )
-    rel = [os.path.relpath(p, root) for p in cpp]
-    if torch.version.cuda and have_nvcc and cu:
-        ext = cpp_extension.CUDAExtension(
-            "depthcut._C",
-            rel + [os.path.relpath(p, root) for p in cu],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
-            extra_link_args=link,
-        )
-    else:
-        ext = cpp_extension.CppExtension("depthcut._C", rel, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    root = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("depthcut_ext_build", root / "engine" / "_ext.py")
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)  # build_tag() and build_args() only: no package, so nothing loads
+    args = ext.build_args(root / "csrc")
+    kind = cpp_extension.CUDAExtension if args["cuda"] else cpp_extension.CppExtension
     # py_limited_api is off: the module links libtorch (C++ ABI) anyway.
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    module = kind("depthcut._C", [str(p.relative_to(root)) for p in args["sources"]],
+                  extra_compile_args={"cxx": args["cxx"], "nvcc": args["nvcc"]}, extra_link_args=args["link"])
+
+    class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """Writes beside _C the torch it was compiled for; _ext.py recompiles it for any other."""
+
+        def run(self):
+            super().run()
+            Path(self.get_ext_fullpath(module.name)).with_name(ext.RECORD).write_text(ext.build_tag() + "\n")
+
+    return [module], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _ext_modules()
