@@ -15,6 +15,8 @@
 #include <tuple>
 #include <vector>
 
+#include "op_args.h"
+
 namespace {
 
 void check_fp32_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -38,10 +40,13 @@ std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cpu(const at::Tensor& x, const c1
   check_fp32_cpu(weight, "add_rmsnorm", "weight");
   const int64_t n = x.size(-1);
   TORCH_CHECK(weight.numel() == n, "add_rmsnorm: weight has ", weight.numel(), " elements for rows of ", n);
-  at::Tensor h = x;
+  // h is a new tensor even without a residual: an op's outputs may not alias its inputs.
+  at::Tensor h;
   if (residual.has_value() && residual->defined()) {
     check_fp32_cpu(*residual, "add_rmsnorm", "residual");
     h = x + *residual;
+  } else {
+    h = x.clone();
   }
   const at::Tensor hc = h.contiguous(), w = weight.contiguous();
   at::Tensor y = at::empty_like(hc);
@@ -123,9 +128,11 @@ at::Tensor rope_cache_write_cpu(const at::Tensor& qkv_in, const at::Tensor& cos,
 }
 
 at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                const at::Tensor& start, const at::Tensor& cache_pos, int64_t window, double scale,
-                                double softcap) {
+                                const at::Tensor& start, const at::Tensor& cache_pos, std::optional<int64_t> window_in,
+                                double scale, std::optional<double> softcap) {
   const char* op = "decode_attention";
+  TORCH_CHECK(!window_in.has_value() || *window_in > 0, op, ": window must be positive when given");
+  const int64_t window = window_in.value_or(0);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q_in, &k_cache, &v_cache})
     check_fp32_cpu(*t, op, "q and the caches");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": caches must be contiguous");
@@ -140,7 +147,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cach
               *vp = v_cache.const_data_ptr<float>();
   float* op_ = out.mutable_data_ptr<float>();
   const int64_t* sp = st.const_data_ptr<int64_t>();
-  const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  const float sc = static_cast<float>(scale), cap = depthcut_args::softcap_arg(softcap, op);
   // One task per (row, KV head): its keys and values are read once for the query group.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(G * end * D, 1));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {

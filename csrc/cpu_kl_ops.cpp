@@ -13,8 +13,12 @@
 #include <vector>
 
 #include "cpu_rows.h"
+#include "op_args.h"
 
 namespace {
+
+using depthcut_args::chunk_arg;
+using depthcut_args::softcap_arg;
 
 // One chunk of the teacher side of KL_m = sum_v p_t (z_t - z_s) - lse_t + lse_s:
 // running max m and sum s of exp(z_t - m), and a = sum exp(z_t - m) * (z_t - z_s),
@@ -68,11 +72,13 @@ KlInputs kl_inputs(const at::Tensor& hs, const at::Tensor& ws, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_kl_forward_cpu(
     const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht, const at::Tensor& wt, const at::Tensor& targets,
-    double softcap_s_d, double softcap_t_d, int64_t chunk) {
-  const KlInputs in = kl_inputs(hs, ws, ht, wt, targets, "linear_kl_forward");
+    std::optional<double> softcap_s_in, std::optional<double> softcap_t_in, std::optional<int64_t> chunk) {
+  constexpr const char* op = "linear_kl_forward";
+  const KlInputs in = kl_inputs(hs, ws, ht, wt, targets, op);
   const int64_t M = in.hs.size(0), V = in.ws.size(0);
-  const float softcap_s = static_cast<float>(softcap_s_d), softcap_t = static_cast<float>(softcap_t_d);
-  const Split sp = make_split(M, V, chunk, /*by_vocab=*/false);
+  const float softcap_s = softcap_arg(softcap_s_in, op, "softcap_s");
+  const float softcap_t = softcap_arg(softcap_t_in, op, "softcap_t");
+  const Split sp = make_split(M, V, chunk_arg(chunk, kDefaultChunk, op), /*by_vocab=*/false);
   auto f32 = in.hs.options().dtype(at::kFloat);
   // Per vocabulary split: both online softmax states and the teacher's a.
   const float inf = std::numeric_limits<float>::infinity();
@@ -108,15 +114,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_kl_forward_cpu(
 
 std::tuple<at::Tensor, at::Tensor> linear_kl_backward_cpu(
     const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht, const at::Tensor& wt, const at::Tensor& targets,
-    const at::Tensor& lse_s_in, const at::Tensor& lse_t_in, const at::Tensor& grad_kl, double softcap_s_d,
-    double softcap_t_d, bool need_weight_grad, int64_t chunk) {
+    const at::Tensor& lse_s_in, const at::Tensor& lse_t_in, const at::Tensor& grad_kl,
+    std::optional<double> softcap_s_in, std::optional<double> softcap_t_in, bool need_weight_grad,
+    std::optional<int64_t> chunk) {
   constexpr const char* op = "linear_kl_backward";
   const KlInputs in = kl_inputs(hs, ws, ht, wt, targets, op);
   const int64_t M = in.hs.size(0), V = in.ws.size(0), H = in.hs.size(1);
   const at::Tensor lse_s = rows_f32(lse_s_in, M, op, "lse_s"), lse_t = rows_f32(lse_t_in, M, op, "lse_t");
   const at::Tensor gk = row_grads(grad_kl, in.targets, op, "grad_kl");
-  const float softcap_s = static_cast<float>(softcap_s_d), softcap_t = static_cast<float>(softcap_t_d);
-  const Split sp = make_split(M, V, chunk, need_weight_grad);
+  const float softcap_s = softcap_arg(softcap_s_in, op, "softcap_s");
+  const float softcap_t = softcap_arg(softcap_t_in, op, "softcap_t");
+  const Split sp = make_split(M, V, chunk_arg(chunk, kDefaultChunk, op), need_weight_grad);
   auto f32 = in.hs.options().dtype(at::kFloat);
   at::Tensor partial = at::zeros({sp.vocab_splits, M, H}, f32);
   at::Tensor grad_ws = need_weight_grad ? at::zeros({V, H}, f32) : at::Tensor();

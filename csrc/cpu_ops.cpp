@@ -13,8 +13,12 @@
 #include <vector>
 
 #include "cpu_rows.h"
+#include "op_args.h"
 
 namespace {
+
+using depthcut_args::chunk_arg;
+using depthcut_args::softcap_arg;
 
 DC_MULTIVERSION double abs_prod_sum(const float* w, const float* d, int64_t n) {
   // fp32 partial sums over short runs, accumulated in double.
@@ -67,15 +71,15 @@ void nll_grad_tile(const at::Tensor& g, const Tile& t, const int64_t* tgt, const
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_nll_forward_cpu(
-    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in, double softcap_d,
-    int64_t chunk) {
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in,
+    std::optional<double> softcap_in, std::optional<int64_t> chunk) {
   constexpr const char* op = "linear_nll_forward";
   check_head(hidden_in, weight_in, op, "hidden", "weight");
   check_targets(targets_in, hidden_in.size(0), weight_in.size(0), op);
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(), targets = targets_in.contiguous();
   const int64_t M = hidden.size(0), V = weight.size(0);
-  const float softcap = static_cast<float>(softcap_d);
-  const Split sp = make_split(M, V, chunk, /*by_vocab=*/false);
+  const float softcap = softcap_arg(softcap_in, op);
+  const Split sp = make_split(M, V, chunk_arg(chunk, kDefaultChunk, op), /*by_vocab=*/false);
   auto f32 = hidden.options().dtype(at::kFloat);
   // Per vocabulary split: running max, sum of exp relative to it, target logit.
   at::Tensor pmax = at::full({sp.vocab_splits, M}, -std::numeric_limits<float>::infinity(), f32);
@@ -112,16 +116,16 @@ std::tuple<at::Tensor, at::Tensor> linear_nll_forward_cpu(
 // and one GEMM with the weight gives the block's hidden gradient. Two head GEMMs, not the
 // three of forward + backward (which recomputes the logits).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_nll_forward_grad_cpu(
-    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in, double softcap_d,
-    int64_t chunk) {
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in,
+    std::optional<double> softcap_in, std::optional<int64_t> chunk) {
   constexpr const char* op = "linear_nll_forward_grad";
   check_head(hidden_in, weight_in, op, "hidden", "weight");
   check_targets(targets_in, hidden_in.size(0), weight_in.size(0), op);
   TORCH_CHECK(weight_in.size(0) > 0, op, ": weight has no rows (empty vocabulary)");
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(), targets = targets_in.contiguous();
   const int64_t M = hidden.size(0), V = weight.size(0);
-  const float softcap = static_cast<float>(softcap_d);
-  const int64_t vchunk = std::min(chunk > 0 ? chunk : kDefaultChunk, V);
+  const float softcap = softcap_arg(softcap_in, op);
+  const int64_t vchunk = std::min(chunk_arg(chunk, kDefaultChunk, op), V);
   const Split sp = make_row_split(M, V, hidden.element_size());
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor nll = at::empty({M}, f32), lse = at::empty({M}, f32);
@@ -170,16 +174,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_nll_forward_grad_cpu(
 // ranges; with it, vocabulary ranges that each loop over all rows.
 std::tuple<at::Tensor, at::Tensor> nll_backward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
                                                 const at::Tensor& targets_in, const at::Tensor& lse_in,
-                                                const at::Tensor& grad_nll_in, double softcap_d, int64_t chunk,
-                                                bool weight_grad, const char* op) {
+                                                const at::Tensor& grad_nll_in, std::optional<double> softcap_in,
+                                                std::optional<int64_t> chunk, bool weight_grad, const char* op) {
   check_head(hidden_in, weight_in, op, "hidden", "weight");
   check_targets(targets_in, hidden_in.size(0), weight_in.size(0), op);
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(), targets = targets_in.contiguous();
   const int64_t M = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   const at::Tensor lse = rows_f32(lse_in, M, op, "lse");
   const at::Tensor gn = row_grads(grad_nll_in, targets, op, "grad_nll");
-  const float softcap = static_cast<float>(softcap_d);
-  const Split sp = make_split(M, V, chunk, weight_grad);
+  const float softcap = softcap_arg(softcap_in, op);
+  const Split sp = make_split(M, V, chunk_arg(chunk, kDefaultChunk, op), weight_grad);
   auto f32 = hidden.options().dtype(at::kFloat);
   // fp32 partial gradients per vocabulary split, summed at the end.
   at::Tensor partial = at::zeros({sp.vocab_splits, M, H}, f32);
@@ -202,14 +206,14 @@ std::tuple<at::Tensor, at::Tensor> nll_backward(const at::Tensor& hidden_in, con
 
 at::Tensor linear_nll_backward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& lse,
-    const at::Tensor& grad_nll, double softcap, int64_t chunk) {
+    const at::Tensor& grad_nll, std::optional<double> softcap, std::optional<int64_t> chunk) {
   return std::get<0>(nll_backward(hidden, weight, targets, lse, grad_nll, softcap, chunk, false,
                                   "linear_nll_backward"));
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_nll_backward_full_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& lse,
-    const at::Tensor& grad_nll, double softcap, int64_t chunk) {
+    const at::Tensor& grad_nll, std::optional<double> softcap, std::optional<int64_t> chunk) {
   return nll_backward(hidden, weight, targets, lse, grad_nll, softcap, chunk, true, "linear_nll_backward_full");
 }
 

@@ -197,7 +197,7 @@ inline Split make_split(int64_t M, int64_t V, int64_t chunk, bool by_vocab) {
   s.M = M;
   s.V = V;
   s.by_vocab = by_vocab;
-  s.chunk = std::min(chunk > 0 ? chunk : kDefaultChunk, std::max<int64_t>(V, 1));
+  s.chunk = std::min(chunk, std::max<int64_t>(V, 1));
   s.rows = std::min<int64_t>(kRowBlock, std::max<int64_t>(M, 1));
   s.row_blocks = (M + s.rows - 1) / s.rows;
   const int64_t chunks = std::max<int64_t>(1, (V + s.chunk - 1) / s.chunk);

@@ -9,7 +9,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "op_args.h"
+
 namespace {
+
+using depthcut_args::check_device;
+using depthcut_args::chunk_arg;
+using depthcut_args::softcap_arg;
 
 constexpr int64_t kIgnoreIndex = -100;
 constexpr int kThreads = 256;
@@ -98,32 +104,38 @@ void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 }
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
+  TORCH_CHECK(hidden.is_cuda(), "linear_nll: hidden must be a CUDA tensor");
+  check_device({&weight, &targets}, hidden.device(), "linear_nll");
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
               "linear_nll: hidden [M,H] and weight [V,H] expected");
   TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "linear_nll: hidden and weight dtypes differ");
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) && targets.scalar_type() == at::kLong,
               "linear_nll: targets must be int64 [M]");
+  const int64_t bad =
+      targets.ne(kIgnoreIndex).logical_and(targets.lt(0).logical_or(targets.ge(weight.size(0)))).sum().item<int64_t>();
+  TORCH_CHECK(bad == 0, "linear_nll: ", bad, " targets outside [0, ", weight.size(0), ") and not -100");
 }
 
 struct Tiles {
   int64_t rows, chunk;
 };
 
-Tiles make_tiles(int64_t M, int64_t V, int64_t chunk) {
+Tiles make_tiles(int64_t M, int64_t V, const std::optional<int64_t>& chunk) {
   Tiles t;
-  t.chunk = std::min(chunk > 0 ? chunk : kDefaultChunk, std::max<int64_t>(V, 1));
+  t.chunk = std::min(chunk_arg(chunk, kDefaultChunk, "linear_nll"), std::max<int64_t>(V, 1));
   t.rows = std::max<int64_t>(1, std::min(M, kTileElems / t.chunk));
   return t;
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_nll_forward_cuda(const at::Tensor& hidden_in, const at::Tensor& weight_in,
-                                                          const at::Tensor& targets_in, double softcap_d,
-                                                          int64_t chunk) {
+                                                          const at::Tensor& targets_in,
+                                                          std::optional<double> softcap_in,
+                                                          std::optional<int64_t> chunk) {
   check_inputs(hidden_in, weight_in, targets_in);
   const c10::cuda::CUDAGuard guard(hidden_in.device());
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(), targets = targets_in.contiguous();
   const int64_t M = hidden.size(0), V = weight.size(0);
-  const float softcap = static_cast<float>(softcap_d);
+  const float softcap = softcap_arg(softcap_in, "linear_nll_forward");
   const Tiles tl = make_tiles(M, V, chunk);
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor run_max = at::full({M}, -INFINITY, f32);
@@ -150,13 +162,15 @@ std::tuple<at::Tensor, at::Tensor> linear_nll_forward_cuda(const at::Tensor& hid
 
 at::Tensor linear_nll_backward_cuda(const at::Tensor& hidden_in, const at::Tensor& weight_in,
                                     const at::Tensor& targets_in, const at::Tensor& lse_in,
-                                    const at::Tensor& grad_nll_in, double softcap_d, int64_t chunk) {
+                                    const at::Tensor& grad_nll_in, std::optional<double> softcap_in,
+                                    std::optional<int64_t> chunk) {
   check_inputs(hidden_in, weight_in, targets_in);
+  check_device({&lse_in, &grad_nll_in}, hidden_in.device(), "linear_nll_backward");
   const c10::cuda::CUDAGuard guard(hidden_in.device());
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(), targets = targets_in.contiguous();
   const int64_t M = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous(), gn = grad_nll_in.to(at::kFloat).contiguous();
-  const float softcap = static_cast<float>(softcap_d);
+  const float softcap = softcap_arg(softcap_in, "linear_nll_backward");
   const Tiles tl = make_tiles(M, V, chunk);
   at::Tensor acc = at::zeros({M, H}, hidden.options().dtype(at::kFloat));
   at::Tensor step = at::empty({tl.rows, H}, acc.options());
@@ -186,6 +200,8 @@ at::Tensor linear_nll_backward_cuda(const at::Tensor& hidden_in, const at::Tenso
 }
 
 at::Tensor taylor_saliency_cuda(const at::Tensor& x_in, const at::Tensor& dy_in, const at::Tensor& weight_in) {
+  TORCH_CHECK(x_in.is_cuda(), "taylor_saliency: x must be a CUDA tensor");
+  check_device({&dy_in, &weight_in}, x_in.device(), "taylor_saliency");
   TORCH_CHECK(x_in.dim() == 2 && dy_in.dim() == 2 && weight_in.dim() == 2, "taylor_saliency: 2-D inputs expected");
   TORCH_CHECK(x_in.size(0) == dy_in.size(0) && weight_in.size(0) == dy_in.size(1) && weight_in.size(1) == x_in.size(1),
               "taylor_saliency: x [M,K], dy [M,N], weight [N,K] expected");

@@ -6,48 +6,48 @@
 
 TORCH_LIBRARY(depthcut, m) {
   // Per-token NLL of hidden @ weight.T without materialising [M, V] logits.
-  // softcap <= 0: no softcap; chunk <= 0: the kernel's default vocabulary chunk.
+  // softcap: none when absent, else positive; chunk: the kernel's default vocabulary chunk when absent.
   m.def(
-      "linear_nll_forward(Tensor hidden, Tensor weight, Tensor targets, float softcap, int chunk)"
+      "linear_nll_forward(Tensor hidden, Tensor weight, Tensor targets, float? softcap=None, int? chunk=None)"
       " -> (Tensor nll, Tensor lse)");
   m.def(
       "linear_nll_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_nll,"
-      " float softcap, int chunk) -> Tensor");
+      " float? softcap=None, int? chunk=None) -> Tensor");
   // linear_nll_forward and d(sum nll) / d hidden (hidden's dtype; zero rows where ignored) together,
   // for a frozen head: the gradient comes from the forward's logits, none are recomputed (CPU only).
   m.def(
-      "linear_nll_forward_grad(Tensor hidden, Tensor weight, Tensor targets, float softcap, int chunk)"
+      "linear_nll_forward_grad(Tensor hidden, Tensor weight, Tensor targets, float? softcap=None, int? chunk=None)"
       " -> (Tensor nll, Tensor lse, Tensor grad_hidden)");
   // The same sweep with the head weight gradient too (full training; tied embeddings get it):
   // grad_hidden in hidden's dtype, grad_weight fp32 [V, H].
   m.def(
       "linear_nll_backward_full(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_nll,"
-      " float softcap, int chunk) -> (Tensor grad_hidden, Tensor grad_weight)");
+      " float? softcap=None, int? chunk=None) -> (Tensor grad_hidden, Tensor grad_weight)");
   // Per-token KL(teacher || student) of z_s = hs @ ws.T and z_t = ht @ wt.T (each softcapped when its
-  // softcap > 0; the vocabulary is shared, the hidden sizes need not be), without either [M, V] logit
+  // softcap is given; the vocabulary is shared, the hidden sizes need not be), without either [M, V] logit
   // matrix; rows whose target is -100 give 0 and no gradient. All outputs fp32 [M].
   m.def(
-      "linear_kl_forward(Tensor hs, Tensor ws, Tensor ht, Tensor wt, Tensor targets, float softcap_s,"
-      " float softcap_t, int chunk) -> (Tensor kl, Tensor lse_s, Tensor lse_t)");
+      "linear_kl_forward(Tensor hs, Tensor ws, Tensor ht, Tensor wt, Tensor targets, float? softcap_s=None,"
+      " float? softcap_t=None, int? chunk=None) -> (Tensor kl, Tensor lse_s, Tensor lse_t)");
   // Gradient of sum(grad_kl * kl) in hs (hs's dtype) and, if need_weight_grad, in ws (fp32 [V, H];
   // else an empty [0]).
   m.def(
       "linear_kl_backward(Tensor hs, Tensor ws, Tensor ht, Tensor wt, Tensor targets, Tensor lse_s, Tensor lse_t,"
-      " Tensor grad_kl, float softcap_s, float softcap_t, bool need_weight_grad, int chunk)"
+      " Tensor grad_kl, float? softcap_s=None, float? softcap_t=None, bool need_weight_grad=False, int? chunk=None)"
       " -> (Tensor grad_hs, Tensor grad_ws)");
   // sum |W * (dy^T x)| without storing the full weight gradient.
   m.def("taylor_saliency(Tensor x, Tensor dy, Tensor weight) -> Tensor");
   // x @ weight.T + bias for a few fp32 rows, fp16/bf16/fp32 weights widened in registers.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  // The decode-step kernels of triton_kernels/decode.py (same arguments; None -> 0).
+  // The decode-step kernels of triton_kernels/decode.py (same arguments and defaults).
   m.def("add_rmsnorm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor y, Tensor h)");
   m.def(
       "rope_cache_write(Tensor qkv, Tensor cos, Tensor sin, Tensor pos, Tensor(a!) k_cache, Tensor(b!) v_cache,"
-      " Tensor cache_pos, int n_q, int n_kv, Tensor? q_norm, Tensor? k_norm, float eps) -> Tensor");
+      " Tensor cache_pos, int n_q, int n_kv, Tensor? q_norm=None, Tensor? k_norm=None, float eps=1e-06) -> Tensor");
   m.def(
-      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor start, Tensor cache_pos, int window,"
-      " float scale, float softcap) -> Tensor");
-  m.def("swiglu(Tensor gu, bool gelu) -> Tensor");
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor start, Tensor cache_pos, int? window,"
+      " float scale, float? softcap=None) -> Tensor");
+  m.def("swiglu(Tensor gu, bool gelu=False) -> Tensor");
 }
 
 // `import depthcut._C` only has to load the shared object: the ops live in torch.ops.depthcut.

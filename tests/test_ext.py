@@ -2,13 +2,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_inputs import dtype_params, head_inputs
 
-_C = pytest.importorskip("depthcut._C", reason="compiled extension depthcut._C not built "
-                         "(pip install --no-build-isolation -e .)")
+from depthcut._ext import HAS_EXT
 
-# bf16: the logit tile is rounded to bf16 before the fp32 reduction (like a bf16
-# F.linear), so errors scale with |logit| * 2^-8; the inputs below keep |logit| < ~10.
-TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
+pytestmark = pytest.mark.skipif(not HAS_EXT, reason="compiled extension depthcut._C not built "
+                                "(pip install --no-build-isolation -e .)")
+
+# bf16: the logit tile is rounded to bf16 before the fp32 reduction (like a bf16 F.linear),
+# so errors are absolute, about |logit| * 2^-8; head_inputs keeps |logit| below ~16.
+LOGIT_SCALE = 16
 
 
 def _direct(hidden, weight, targets, softcap):
@@ -20,42 +23,36 @@ def _direct(hidden, weight, targets, softcap):
     return h, z, nll
 
 
-def _inputs(m, v, h, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(m, h, generator=g).to(dtype)
-    weight = (torch.randn(v, h, generator=g) / h ** 0.5 * 3).to(dtype)
-    targets = torch.randint(0, v, (m,), generator=g)
-    if m > 1:
-        targets[::3] = -100
-    return hidden, weight, targets
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("dtype,tol", dtype_params(torch.float32, torch.bfloat16, scale=LOGIT_SCALE))
+@pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("m,v,h", [(1, 97, 16), (7, 1000, 72), (129, 5003, 16), (129, 97, 72)])
-@pytest.mark.parametrize("chunk", [0, 300])
-def test_linear_nll_matches_cross_entropy(dtype, softcap, m, v, h, chunk):
-    hidden, weight, targets = _inputs(m, v, h, dtype, seed=m * 7 + v + h)
+@pytest.mark.parametrize("chunk", [None, 300])
+def test_linear_nll_matches_cross_entropy(dtype, tol, softcap, m, v, h, chunk):
+    hidden, weight, targets, grad_nll = head_inputs(m, v, h, dtype, seed=m * 7 + v + h)
     nll, lse = torch.ops.depthcut.linear_nll_forward(hidden, weight, targets, softcap, chunk)
     hr, z, ref = _direct(hidden, weight, targets, softcap)
     assert nll.dtype == lse.dtype == torch.float32 and nll.shape == lse.shape == (m,)
-    torch.testing.assert_close(nll, ref.detach(), **TOL[dtype])
-    torch.testing.assert_close(lse, torch.logsumexp(z.detach(), 1), **TOL[dtype])
+    torch.testing.assert_close(nll, ref.detach(), **tol)
+    torch.testing.assert_close(lse, torch.logsumexp(z.detach(), 1), **tol)
     assert (nll[targets == -100] == 0).all()
 
-    grad_nll = torch.rand(m, generator=torch.Generator().manual_seed(1))
     (ref * grad_nll).sum().backward()
     grad = torch.ops.depthcut.linear_nll_backward(hidden, weight, targets, lse, grad_nll, softcap, chunk)
     assert grad.dtype == dtype and grad.shape == hidden.shape
-    torch.testing.assert_close(grad.float(), hr.grad, **TOL[dtype])
+    torch.testing.assert_close(grad.float(), hr.grad, **tol)
     assert (grad[targets == -100] == 0).all()
 
 
-def test_linear_nll_rejects_bad_targets():
-    hidden, weight, targets = _inputs(4, 97, 16, torch.float32, seed=0)
-    targets[0] = 97
+def test_linear_nll_rejects_bad_arguments():
+    hidden, weight, targets, _ = head_inputs(4, 97, 16, torch.float32)
+    bad = targets.clone()
+    bad[0] = 97
     with pytest.raises(RuntimeError, match="targets outside"):
-        torch.ops.depthcut.linear_nll_forward(hidden, weight, targets, 0.0, 0)
+        torch.ops.depthcut.linear_nll_forward(hidden, weight, bad)
+    with pytest.raises(RuntimeError, match="softcap must be positive when given, got 0"):
+        torch.ops.depthcut.linear_nll_forward(hidden, weight, targets, 0.0)
+    with pytest.raises(RuntimeError, match="chunk must be positive when given, got 0"):
+        torch.ops.depthcut.linear_nll_forward(hidden, weight, targets, None, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -159,17 +156,17 @@ def test_rope_cache_write_op(B, nq, nkv, D, norm):
 
 
 @pytest.mark.parametrize("B,nq,nkv,D", [(1, 9, 3, 64), (3, 4, 4, 24), (2, 6, 2, 10)])
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 20.0), (7, 2.0)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 20.0), (7, 2.0)])
 def test_decode_attention_op(B, nq, nkv, D, window, softcap):
     from depthcut.kernels.decode import decode_attention_ref
 
     S = 41
-    g, _, _, _, kc, vc = _decode_inputs(B, nq, nkv, D, S, seed=B * nq + D + window)
+    g, _, _, _, kc, vc = _decode_inputs(B, nq, nkv, D, S, seed=B * nq + D + (window or 0))
     q = torch.randn(B, nq, D, generator=g) * 2
     start = torch.randint(0, 10, (B,), generator=g).int()
     cache_pos = torch.tensor([29], dtype=torch.int32)
     got = torch.ops.depthcut.decode_attention(q, kc, vc, start, cache_pos, window, D ** -0.5, softcap)
-    ref = decode_attention_ref(q, kc, vc, start, cache_pos, window or None, D ** -0.5, softcap or None)
+    ref = decode_attention_ref(q, kc, vc, start, cache_pos, window, D ** -0.5, softcap)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -191,6 +188,55 @@ def test_decode_ops_reject_bad_input():
         torch.ops.depthcut.rope_cache_write(*args, torch.ones(8), None, 1e-6)
     with pytest.raises(RuntimeError, match="outside the cache"):
         torch.ops.depthcut.rope_cache_write(*args[:6], torch.tensor([5]), 2, 1, None, None, 1e-6)
+    q = torch.ones(1, 2, 8)
+    attn = (q, kc, vc, torch.zeros(1, dtype=torch.long), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="window must be positive when given"):
+        torch.ops.depthcut.decode_attention(*attn, 0, 1.0)
+    with pytest.raises(RuntimeError, match="softcap must be positive when given, got -1"):
+        torch.ops.depthcut.decode_attention(*attn, None, 1.0, -1.0)
+
+
+def _opcheck_cases():
+    """(op name, arguments) of every compiled op, optional arguments both given and absent."""
+    hidden, weight, targets, grad = head_inputs(6, 37, 8, torch.float32, seed=1)
+    _, lse = torch.ops.depthcut.linear_nll_forward(hidden, weight, targets)
+    teacher = hidden * 2
+    g, qkv, cos, sin, kc, vc = _decode_inputs(2, 4, 2, 8, 9, seed=1)
+    pos, cache_pos = torch.tensor([1, 3]), torch.tensor([5])
+    return [
+        ("linear_nll_forward", (hidden, weight, targets, 3.0, 16)),
+        ("linear_nll_forward", (hidden, weight, targets, None, None)),
+        ("linear_nll_backward", (hidden, weight, targets, lse, grad, 3.0, None)),
+        ("linear_nll_forward_grad", (hidden.bfloat16(), weight.bfloat16(), targets, None, 16)),
+        ("linear_nll_backward_full", (hidden, weight, targets, lse, grad, None, 16)),
+        ("linear_kl_forward", (hidden, weight, teacher, weight, targets, 3.0, None, 16)),
+        ("linear_kl_backward", (hidden, weight, teacher, weight, targets, lse, lse, grad, None, 2.0, True, None)),
+        ("linear_kl_backward", (hidden, weight, teacher, weight, targets, lse, lse, grad, 2.0, None, False, 16)),
+        ("taylor_saliency", (hidden, torch.randn(6, 37, generator=g), weight)),
+        ("decode_linear", (hidden[:2], weight.half(), torch.randn(37, generator=g))),
+        ("decode_linear", (hidden, weight.bfloat16(), None)),
+        ("add_rmsnorm", (hidden, None, torch.rand(8, generator=g), 1e-6)),  # h must not alias x
+        ("add_rmsnorm", (hidden, teacher, torch.rand(8, generator=g), 1e-6)),
+        ("rope_cache_write", (qkv, cos, sin, pos, kc, vc, cache_pos, 4, 2, None, None, 1e-6)),
+        ("rope_cache_write", (qkv, cos, sin, pos, kc, vc, cache_pos, 4, 2, torch.ones(8), torch.ones(8), 1e-6)),
+        ("decode_attention", (torch.randn(2, 4, 8, generator=g), kc, vc, torch.tensor([0, 2]), cache_pos, None, 0.3)),
+        ("decode_attention", (torch.randn(2, 4, 8, generator=g), kc, vc, torch.tensor([0, 2]), cache_pos, 3, 0.3, 2.0)),
+        ("swiglu", (torch.randn(3, 8, generator=g), True)),
+    ]
+
+
+OPCHECK_CASES = _opcheck_cases() if HAS_EXT else []
+
+
+@pytest.mark.parametrize("name,args", OPCHECK_CASES, ids=[name for name, _ in OPCHECK_CASES])
+def test_opcheck(name, args):
+    """Schema (mutation and aliasing), fake kernel and tracing of every op: torch.compile can use them."""
+    torch.library.opcheck(getattr(torch.ops.depthcut, name).default, args)
+
+
+def test_every_op_is_opchecked():
+    ops = {n.removeprefix("depthcut::") for n in torch._C._dispatch_get_all_op_names() if n.startswith("depthcut::")}
+    assert ops == {name for name, _ in OPCHECK_CASES}
 
 
 ISA_SCRIPT = """

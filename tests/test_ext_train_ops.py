@@ -3,6 +3,7 @@ float64 definitions on the full logits, autograd for the gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_inputs import DTYPE_TOL, dtype_params, head_inputs, kl_inputs, scaled_tol
 
 from depthcut._ext import HAS_EXT
 
@@ -11,23 +12,11 @@ pytestmark = pytest.mark.skipif(not HAS_EXT, reason="compiled extension depthcut
 ops = torch.ops.depthcut
 
 # bf16: logit tiles and gradient tiles are rounded to bf16 (like a bf16 F.linear), so
-# errors scale with |logit| * 2^-8; the inputs below keep |logit| < ~15.
-TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
+# errors are absolute, about |logit| * 2^-8; head_inputs keeps |logit| below ~16.
+LOGIT_SCALE = 16
+FP32 = DTYPE_TOL[torch.float32]
 SHAPES = [(1, 97, 16), (7, 211, 48), (33, 1000, 72), (130, 97, 48), (300, 1000, 40)]
-CHUNKS = [0, 64, 100]  # 0: the default (1024)
-
-
-def _head(m, v, h, dtype, g):
-    hidden = torch.randn(m, h, generator=g).to(dtype)
-    weight = (torch.randn(v, h, generator=g) / h ** 0.5 * 3).to(dtype)
-    return hidden, weight
-
-
-def _targets(m, v, g):
-    targets = torch.randint(0, v, (m,), generator=g)
-    if m > 1:
-        targets[::4] = -100
-    return targets
+CHUNKS = [None, 64, 100]  # None: the default (1024)
 
 
 def _logits(hidden, weight, softcap):
@@ -38,18 +27,15 @@ def _logits(hidden, weight, softcap):
     return h, w, softcap * torch.tanh(z / softcap) if softcap else z
 
 
-def _close(got, ref, dtype):
-    torch.testing.assert_close(got.double(), ref.detach(), **TOL[dtype])
+def _close(got, ref, tol):
+    torch.testing.assert_close(got.double(), ref.detach(), **tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("dtype,tol", dtype_params(torch.float32, torch.bfloat16, scale=LOGIT_SCALE))
+@pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("m,v,h", SHAPES)
-def test_nll_backward_full_matches_autograd(dtype, softcap, m, v, h):
-    g = torch.Generator().manual_seed(m * 7 + v + h)
-    hidden, weight = _head(m, v, h, dtype, g)
-    targets = _targets(m, v, g)
-    grad_nll = torch.rand(m, generator=g)
+def test_nll_backward_full_matches_autograd(dtype, tol, softcap, m, v, h):
+    hidden, weight, targets, grad_nll = head_inputs(m, v, h, dtype, seed=m * 7 + v + h)
     hr, wr, z = _logits(hidden, weight, softcap)
     (F.cross_entropy(z, targets, reduction="none") * grad_nll).sum().backward()
 
@@ -58,12 +44,12 @@ def test_nll_backward_full_matches_autograd(dtype, softcap, m, v, h):
         grad_h, grad_w = ops.linear_nll_backward_full(hidden, weight, targets, lse, grad_nll, softcap, chunk)
         assert grad_h.dtype == dtype and grad_h.shape == hidden.shape
         assert grad_w.dtype == torch.float32 and grad_w.shape == weight.shape
-        _close(grad_h, hr.grad, dtype)
-        _close(grad_w, wr.grad, dtype)
+        _close(grad_h, hr.grad, tol)
+        _close(grad_w, wr.grad, tol)
         assert (grad_h[targets == -100] == 0).all()
         # Same gradient as the hidden-only op (which splits the work by rows instead).
         alone = ops.linear_nll_backward(hidden, weight, targets, lse, grad_nll, softcap, chunk)
-        torch.testing.assert_close(grad_h.float(), alone.float(), **TOL[dtype])
+        torch.testing.assert_close(grad_h.float(), alone.float(), **tol)
 
 
 def _unit_nll_reference(hidden, weight, targets, softcap):
@@ -74,36 +60,32 @@ def _unit_nll_reference(hidden, weight, targets, softcap):
     return h, z, nll
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("dtype,tol", dtype_params(torch.float32, torch.bfloat16, scale=LOGIT_SCALE))
+@pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("m,v,h", SHAPES)
-def test_nll_forward_grad_matches_forward_and_autograd(dtype, softcap, m, v, h):
-    g = torch.Generator().manual_seed(m * 5 + v + h)
-    hidden, weight = _head(m, v, h, dtype, g)
-    targets = _targets(m, v, g)
+def test_nll_forward_grad_matches_forward_and_autograd(dtype, tol, softcap, m, v, h):
+    hidden, weight, targets, _ = head_inputs(m, v, h, dtype, seed=m * 5 + v + h)
     hr, z, ref = _unit_nll_reference(hidden, weight, targets, softcap)
 
-    for chunk in (0, 64):
+    for chunk in (None, 64):
         nll, lse, grad_h = ops.linear_nll_forward_grad(hidden, weight, targets, softcap, chunk)
         assert nll.dtype == lse.dtype == torch.float32 and nll.shape == lse.shape == (m,)
         assert grad_h.dtype == dtype and grad_h.shape == hidden.shape
         # The same nll and lse as the forward op, ignored rows included.
         nll_f, lse_f = ops.linear_nll_forward(hidden, weight, targets, softcap, chunk)
-        torch.testing.assert_close(nll, nll_f, **TOL[dtype])
-        torch.testing.assert_close(lse, lse_f, **TOL[dtype])
-        _close(nll, ref, dtype)
-        _close(lse, torch.logsumexp(z, -1), dtype)
-        _close(grad_h, hr.grad, dtype)
+        torch.testing.assert_close(nll, nll_f, **tol)
+        torch.testing.assert_close(lse, lse_f, **tol)
+        _close(nll, ref, tol)
+        _close(lse, torch.logsumexp(z, -1), tol)
+        _close(grad_h, hr.grad, tol)
         assert (nll[targets == -100] == 0).all() and (grad_h[targets == -100] == 0).all()
 
 
-@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("m", [1, 130, 300])
 def test_nll_forward_grad_is_independent_of_the_thread_count(softcap, m):
     """The row blocks follow the thread count (one block of 130 rows on 1 thread, three on 3)."""
-    g = torch.Generator().manual_seed(m)
-    hidden, weight = _head(m, 1000, 40, torch.float32, g)
-    targets = _targets(m, 1000, g)
+    hidden, weight, targets, _ = head_inputs(m, 1000, 40, torch.float32, seed=m)
     hr, _, ref = _unit_nll_reference(hidden, weight, targets, softcap)
     before = torch.get_num_threads()
     outs = []
@@ -114,10 +96,10 @@ def test_nll_forward_grad_is_independent_of_the_thread_count(softcap, m):
     finally:
         torch.set_num_threads(before)
     (nll, lse, grad_h), (nll_3, lse_3, grad_h_3) = outs
-    _close(nll, ref, torch.float32)
-    _close(grad_h, hr.grad, torch.float32)
+    _close(nll, ref, FP32)
+    _close(grad_h, hr.grad, FP32)
     for got, want in [(nll_3, nll), (lse_3, lse), (grad_h_3, grad_h)]:
-        torch.testing.assert_close(got, want, **TOL[torch.float32])
+        torch.testing.assert_close(got, want, **FP32)
 
 
 def _kl_reference(hs, ws, ht, wt, targets, softcap_s, softcap_t):
@@ -128,23 +110,16 @@ def _kl_reference(hs, ws, ht, wt, targets, softcap_s, softcap_t):
     return h, w, zs, zt, kl.masked_fill(targets == -100, 0.0)
 
 
-def _kl_inputs(m, v, h, ht_size, dtypes, seed):
-    g = torch.Generator().manual_seed(seed)
-    hs, ws = _head(m, v, h, dtypes[0], g)
-    ht, wt = _head(m, v, ht_size, dtypes[1], g)
-    return g, hs, ws, ht, wt, _targets(m, v, g)
-
-
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)])
-@pytest.mark.parametrize("softcaps", [(0.0, 0.0), (3.0, 0.0), (0.0, 3.0)])
+@pytest.mark.parametrize("softcaps", [(None, None), (3.0, None), (None, 3.0)])
 @pytest.mark.parametrize("m,v,h", SHAPES)
 def test_linear_kl_matches_kl_div(dtypes, softcaps, m, v, h):
     ht_size = h + 24 if m == 33 else h  # teacher and student hidden sizes differ
-    g, hs, ws, ht, wt, targets = _kl_inputs(m, v, h, ht_size, dtypes, seed=m * 7 + v + h)
+    hs, ws, ht, wt, targets, grad_kl = kl_inputs(m, v, h, ht_size, dtypes[0], seed=m * 7 + v + h,
+                                                 teacher_dtype=dtypes[1])
     hr, wr, zs, zt, ref = _kl_reference(hs, ws, ht, wt, targets, *softcaps)
-    grad_kl = torch.rand(m, generator=g)
     (ref * grad_kl).sum().backward()
-    tol = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32
+    tol = scaled_tol(dtypes[0], LOGIT_SCALE)
 
     for chunk in CHUNKS:
         kl, lse_s, lse_t = ops.linear_kl_forward(hs, ws, ht, wt, targets, *softcaps, chunk)
@@ -166,7 +141,7 @@ def test_linear_kl_matches_kl_div(dtypes, softcaps, m, v, h):
         grad_h2, none = ops.linear_kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, *softcaps, False,
                                                chunk)
         assert none.shape == (0,)
-        torch.testing.assert_close(grad_h2.float(), grad_h.float(), **TOL[tol])
+        torch.testing.assert_close(grad_h2.float(), grad_h.float(), **tol)
 
 
 @pytest.mark.parametrize("threads", [1, 3, 5])
@@ -174,53 +149,52 @@ def test_linear_kl_matches_kl_div(dtypes, softcaps, m, v, h):
 def test_any_thread_count_gives_the_same_results(threads, m):
     """Thread counts change how the vocabulary is split (1 to 5 ranges here) and merged."""
     v, h = 1000, 24
-    g, hs, ws, ht, wt, targets = _kl_inputs(m, v, h, h, (torch.float32,) * 2, seed=threads + m)
-    grad = torch.rand(m, generator=g)
-    hr, wr, _, _, ref = _kl_reference(hs, ws, ht, wt, targets, 3.0, 0.0)
+    hs, ws, ht, wt, targets, grad = kl_inputs(m, v, h, h, torch.float32, seed=threads + m)
+    hr, wr, _, _, ref = _kl_reference(hs, ws, ht, wt, targets, 3.0, None)
     (ref * grad).sum().backward()
-    hn, wn, z = _logits(hs, ws, 0.0)
+    hn, wn, z = _logits(hs, ws, None)
     nll_ref = F.cross_entropy(z, targets, reduction="none")
     (nll_ref * grad).sum().backward()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        kl, lse_s, lse_t = ops.linear_kl_forward(hs, ws, ht, wt, targets, 3.0, 0.0, 100)
-        kl_h, kl_w = ops.linear_kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad, 3.0, 0.0, True, 100)
-        nll, lse = ops.linear_nll_forward(hs, ws, targets, 0.0, 100)
-        nll_h, nll_w = ops.linear_nll_backward_full(hs, ws, targets, lse, grad, 0.0, 100)
+        kl, lse_s, lse_t = ops.linear_kl_forward(hs, ws, ht, wt, targets, 3.0, None, 100)
+        kl_h, kl_w = ops.linear_kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad, 3.0, None, True, 100)
+        nll, lse = ops.linear_nll_forward(hs, ws, targets, None, 100)
+        nll_h, nll_w = ops.linear_nll_backward_full(hs, ws, targets, lse, grad, None, 100)
     finally:
         torch.set_num_threads(before)
     for got, want in [(kl, ref), (kl_h, hr.grad), (kl_w, wr.grad), (nll, nll_ref), (nll_h, hn.grad), (nll_w, wn.grad)]:
-        _close(got, want, torch.float32)
+        _close(got, want, FP32)
 
 
-@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("softcap", [None, 3.0])
 def test_kl_of_a_model_with_itself_is_zero(softcap):
-    g, hs, ws, _, _, targets = _kl_inputs(33, 1000, 72, 72, (torch.float32,) * 2, seed=3)
-    kl, lse_s, lse_t = ops.linear_kl_forward(hs, ws, hs, ws, targets, softcap, softcap, 0)
+    hs, ws, _, _, targets, _ = kl_inputs(33, 1000, 72, 72, torch.float32, seed=3)
+    kl, lse_s, lse_t = ops.linear_kl_forward(hs, ws, hs, ws, targets, softcap, softcap)
     torch.testing.assert_close(kl, torch.zeros(33), atol=1e-5, rtol=0)
     torch.testing.assert_close(lse_s, lse_t, atol=1e-6, rtol=0)
     grad_h, grad_w = ops.linear_kl_backward(hs, ws, hs, ws, targets, lse_s, lse_t, torch.ones(33), softcap, softcap,
-                                            True, 0)
+                                            True)
     torch.testing.assert_close(grad_h, torch.zeros_like(grad_h), atol=1e-6, rtol=0)
     torch.testing.assert_close(grad_w, torch.zeros_like(grad_w), atol=1e-6, rtol=0)
 
 
 def test_training_ops_reject_bad_input():
-    g, hs, ws, ht, wt, targets = _kl_inputs(4, 97, 16, 8, (torch.float32,) * 2, seed=0)
+    hs, ws, ht, wt, targets, _ = kl_inputs(4, 97, 16, 8, torch.float32)
     lse, grad = torch.zeros(4), torch.ones(4)
 
-    def kl_fwd(hs=hs, ws=ws, ht=ht, wt=wt, targets=targets):
-        return ops.linear_kl_forward(hs, ws, ht, wt, targets, 0.0, 0.0, 0)
+    def kl_fwd(hs=hs, ws=ws, ht=ht, wt=wt, targets=targets, softcap_t=None):
+        return ops.linear_kl_forward(hs, ws, ht, wt, targets, None, softcap_t)
 
-    def kl_bwd(lse_s=lse, lse_t=lse, grad_kl=grad):
-        return ops.linear_kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, 0.0, 0.0, True, 0)
+    def kl_bwd(lse_s=lse, lse_t=lse, grad_kl=grad, chunk=None):
+        return ops.linear_kl_backward(hs, ws, ht, wt, targets, lse_s, lse_t, grad_kl, None, None, True, chunk)
 
-    def nll_bwd(hidden=hs, weight=ws, targets=targets, lse=lse, grad_nll=grad):
-        return ops.linear_nll_backward_full(hidden, weight, targets, lse, grad_nll, 0.0, 0)
+    def nll_bwd(hidden=hs, weight=ws, targets=targets, lse=lse, grad_nll=grad, softcap=None):
+        return ops.linear_nll_backward_full(hidden, weight, targets, lse, grad_nll, softcap)
 
-    def nll_fwd_grad(hidden=hs, weight=ws, targets=targets):
-        return ops.linear_nll_forward_grad(hidden, weight, targets, 0.0, 0)
+    def nll_fwd_grad(hidden=hs, weight=ws, targets=targets, chunk=None):
+        return ops.linear_nll_forward_grad(hidden, weight, targets, None, chunk)
 
     bad_targets = targets.clone()
     bad_targets[1] = 97
@@ -234,6 +208,10 @@ def test_training_ops_reject_bad_input():
         (lambda: kl_fwd(targets=bad_targets), "1 targets outside \\[0, 97\\) and not -100"),
         (lambda: kl_fwd(targets=targets.int()), "targets must be int64"),
         (lambda: kl_fwd(targets=targets[:3]), "targets must be \\[M\\]"),
+        (lambda: kl_fwd(softcap_t=-2.0), "linear_kl_forward: softcap_t must be positive when given, got -2"),
+        (lambda: kl_bwd(chunk=-1), "linear_kl_backward: chunk must be positive when given, got -1"),
+        (lambda: nll_bwd(softcap=0.0), "linear_nll_backward_full: softcap must be positive when given, got 0"),
+        (lambda: nll_fwd_grad(chunk=0), "linear_nll_forward_grad: chunk must be positive when given, got 0"),
         (lambda: kl_bwd(lse_t=lse[:3]), "linear_kl_backward: lse_t must be \\[M\\]"),
         (lambda: kl_bwd(grad_kl=torch.ones(4, 1)), "linear_kl_backward: grad_kl must be \\[M\\]"),
         (lambda: nll_bwd(weight=ws.bfloat16()), "linear_nll_backward_full: hidden and weight dtypes differ"),

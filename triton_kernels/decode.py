@@ -155,6 +155,12 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, cp_pt
         tl.store(vrow + HALF + i, x2, mask=m)
 
 
+def _check_caches(k_cache, v_cache):
+    """The kernels write and read the caches as dense [B, Hkv, S, D] blocks."""
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
+
+
 def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, cache_pos, n_q, n_kv,
                      q_norm=None, k_norm=None, eps=1e-6):
     """Fused form of :func:`rope_cache_write_ref`: one program per (row, head)."""
@@ -162,7 +168,7 @@ def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, cache_pos, n_q, n_kv,
     D = k_cache.shape[-1]
     S = k_cache.shape[2]
     qkv = qkv.contiguous()
-    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    _check_caches(k_cache, v_cache)
     q = torch.empty(B, n_q, D, dtype=qkv.dtype, device=qkv.device)
     has_norm = q_norm is not None
     _rope_cache_kernel[(B, n_q + 2 * n_kv)](
@@ -282,7 +288,7 @@ def decode_attention(q, k_cache, v_cache, start, cache_pos, window, scale, softc
     B, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     q = q.contiguous()
-    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    _check_caches(k_cache, v_cache)
     if splits is None:
         # Enough programs to fill a GPU at batch 1; fewer when the batch already does.
         splits = max(1, min(32, 256 // max(B * Hkv, 1), triton.cdiv(S, 128)))

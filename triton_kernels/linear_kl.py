@@ -126,9 +126,12 @@ def _linear_kl_fwd_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, part_ptr, M, V, H, HT,
 
 
 def _check(hs, ws, ht, wt, targets):
-    assert hs.dim() == ws.dim() == ht.dim() == wt.dim() == 2
-    assert hs.shape[1] == ws.shape[1] and ht.shape[1] == wt.shape[1] and ws.shape[0] == wt.shape[0]
-    assert hs.shape[0] == ht.shape[0] and targets.shape == (hs.shape[0],)
+    """Shapes only: depthcut.ops validates everything else once for every backend."""
+    if not (hs.dim() == ws.dim() == ht.dim() == wt.dim() == 2 and hs.shape[1] == ws.shape[1]
+            and ht.shape[1] == wt.shape[1] and ws.shape[0] == wt.shape[0] and hs.shape[0] == ht.shape[0]
+            and targets.shape == (hs.shape[0],)):
+        raise ValueError(f"linear_kl: hs [M,H], ws [V,H], ht [M,Ht], wt [V,Ht], targets [M] expected, got "
+                         f"{[tuple(t.shape) for t in (hs, ws, ht, wt, targets)]}")
 
 
 def linear_kl_forward(hs, ws, ht, wt, targets, softcap_s=None, softcap_t=None):

@@ -326,8 +326,11 @@ def _vocab_splits(m, v, block_m, block_v, device):
 
 
 def _check(hidden, weight, targets):
-    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
-    assert targets.shape == (hidden.shape[0],)
+    """Shapes only: depthcut.ops validates everything else once for every backend."""
+    if not (hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
+            and targets.shape == (hidden.shape[0],)):
+        raise ValueError(f"linear_nll: hidden [M,H], weight [V,H], targets [M] expected, got "
+                         f"{[tuple(t.shape) for t in (hidden, weight, targets)]}")
 
 
 def _grad_args(hidden, weight, targets, lse, grad, softcap, teacher):

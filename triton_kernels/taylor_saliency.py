@@ -70,7 +70,9 @@ def _dot_dtype(x, dy):
 def taylor_saliency(x, dy, weight):
     """Triton sum |W * (dy.T @ x)| (0-d fp32): x [M,K] layer input, dy [M,N] output grad, weight [N,K]."""
     (m, k), n = x.shape, weight.shape[0]
-    assert dy.shape == (m, n) and weight.shape == (n, k)
+    if dy.shape != (m, n) or weight.shape != (n, k):
+        raise ValueError(f"taylor_saliency: dy [M,N] and weight [N,K] expected for x [M,K], got "
+                         f"{tuple(dy.shape)} and {tuple(weight.shape)} for {tuple(x.shape)}")
     block_n, block_k, block_m, warps, stages = _CFG
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
