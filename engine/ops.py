@@ -5,7 +5,7 @@ ids, softcaps) and raises DepthcutError, so the three implementations behind it 
 depthcut.kernels, the compiled torch.ops.depthcut.* ops, the plain torch references) need
 not agree on how to fail. CUDA tensors go to Triton, CPU tensors to the compiled ops when
 depthcut._C is built (float32/bfloat16 for the head ops), else to the references.
-DEPTHCUT_BACKEND=reference forces the references everywhere; DEPTHCUT_BACKEND=ext forces the
+DEPTHCUT_OPS=reference forces the references everywhere; DEPTHCUT_OPS=ext forces the
 compiled ops wherever they have a kernel. Triton modules are imported only when needed, so
 CPU-only use never compiles them. The compiled ops get fake (meta) kernels here, so they
 trace under torch.compile. See docs/DESIGN.md, "Kernels and backends".
@@ -30,14 +30,14 @@ _CPU_HEAD_DTYPES = (torch.float32, torch.bfloat16)
 
 def _backend(device: torch.device) -> str:
     """'triton', 'ext' or 'reference' for tensors on `device`."""
-    choice = os.environ.get("DEPTHCUT_BACKEND", "auto")
+    choice = os.environ.get("DEPTHCUT_OPS", "auto")
     if choice not in _BACKENDS:
-        raise DepthcutError(f"DEPTHCUT_BACKEND={choice!r}; expected one of {_BACKENDS}")
+        raise DepthcutError(f"DEPTHCUT_OPS={choice!r}; expected one of {_BACKENDS}")
     if choice == "reference":
         return "reference"
     if choice == "ext":
         if not HAS_EXT:
-            raise DepthcutError("DEPTHCUT_BACKEND=ext but the compiled extension depthcut._C is not built")
+            raise DepthcutError("DEPTHCUT_OPS=ext but the compiled extension depthcut._C is not built")
         return "ext"
     if device.type == "cuda":
         return "triton"
@@ -331,7 +331,7 @@ def decode_ops(device: torch.device, dtype: torch.dtype):
     """(add_rmsnorm, rope_cache_write, decode_attention, swiglu) for decode steps whose
     activations are `dtype` on `device`, with the signatures of depthcut.kernels.decode:
     Triton on CUDA (there are no CUDA C++ decode kernels, so also under
-    DEPTHCUT_BACKEND=ext), the compiled ops for fp32 on the CPU, else the references."""
+    DEPTHCUT_OPS=ext), the compiled ops for fp32 on the CPU, else the references."""
     backend = _backend(device)
     if backend == "ext" and device.type == "cpu" and dtype == torch.float32:
         ops = torch.ops.depthcut

@@ -15,7 +15,7 @@ BF16_LOGITS = scaled_tol(torch.bfloat16, 16)  # bf16 kernels that round logits o
 
 @pytest.fixture(params=MODES)
 def backend(request, monkeypatch):
-    monkeypatch.setenv("DEPTHCUT_BACKEND", request.param)
+    monkeypatch.setenv("DEPTHCUT_OPS", request.param)
     return request.param
 
 
@@ -32,8 +32,8 @@ def test_backend_choice(backend):
 
 
 def test_unknown_backend_rejected(monkeypatch):
-    monkeypatch.setenv("DEPTHCUT_BACKEND", "bogus")
-    with pytest.raises(DepthcutError, match="DEPTHCUT_BACKEND"):
+    monkeypatch.setenv("DEPTHCUT_OPS", "bogus")
+    with pytest.raises(DepthcutError, match="DEPTHCUT_OPS"):
         ops._backend(torch.device("cpu"))
 
 
@@ -145,7 +145,7 @@ def test_checks_survive_python_optimise(mode):
     import sys
 
     proc = subprocess.run([sys.executable, "-O", "-c", OPTIMISED_SCRIPT], capture_output=True, text=True,
-                          env={**os.environ, "DEPTHCUT_BACKEND": mode}, timeout=300)
+                          env={**os.environ, "DEPTHCUT_OPS": mode}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "target ids must lie in [0, 3)" in proc.stdout
 
@@ -201,7 +201,7 @@ def test_decode_linear_is_fp32_arithmetic(backend, wdtype, rows):
 @pytest.mark.parametrize("mode", ["auto", "reference"] + (["ext"] if HAS_EXT else []))
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_linear_nll_cuda(monkeypatch, mode, softcap):
-    monkeypatch.setenv("DEPTHCUT_BACKEND", mode)
+    monkeypatch.setenv("DEPTHCUT_OPS", mode)
     hidden, weight, targets, _ = head_inputs(300, 5003, 64, torch.bfloat16, device="cuda")
     h1 = hidden.clone().requires_grad_()
     nll = ops.linear_nll(h1, weight, targets, softcap)
@@ -217,7 +217,7 @@ def test_linear_nll_cuda(monkeypatch, mode, softcap):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["auto", "reference"] + (["ext"] if HAS_EXT else []))
 def test_taylor_saliency_cuda(monkeypatch, mode):
-    monkeypatch.setenv("DEPTHCUT_BACKEND", mode)
+    monkeypatch.setenv("DEPTHCUT_OPS", mode)
     g = torch.Generator().manual_seed(5)
     x, dy, w = (torch.randn(s, generator=g).cuda() for s in [(257, 72), (257, 130), (130, 72)])
     got = ops.taylor_saliency(x, dy, w)
@@ -275,7 +275,7 @@ def test_decode_ops_choice(backend):
 def test_decode_ops_cuda_are_triton(monkeypatch, mode):
     from depthcut.kernels import decode as K
 
-    monkeypatch.setenv("DEPTHCUT_BACKEND", mode)
+    monkeypatch.setenv("DEPTHCUT_OPS", mode)
     assert ops.decode_ops(torch.device("cuda"), torch.bfloat16)[2] is K.decode_attention
 
 

@@ -43,7 +43,7 @@ def _loss_and_grads(model, ids, labels, loss, teacher=None, a=0.0):
 @pytest.mark.parametrize("family", LOSS_FAMILIES)
 def test_fused_loss_and_gradients_equal_hugging_face(family, backend, monkeypatch):
     """Full training: every weight's gradient, the head's (and tied embedding's) included."""
-    monkeypatch.setenv("DEPTHCUT_BACKEND", backend)
+    monkeypatch.setenv("DEPTHCUT_OPS", backend)
     model = tiny_model(family)
     ids, labels = _batch(model)
     nll_f, _, grads_f = _loss_and_grads(model, ids, labels, "fused")
@@ -57,7 +57,7 @@ def test_fused_loss_and_gradients_equal_hugging_face(family, backend, monkeypatc
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_distillation_loss_equals_kl_div_on_full_logits(family, backend, monkeypatch):
-    monkeypatch.setenv("DEPTHCUT_BACKEND", backend)
+    monkeypatch.setenv("DEPTHCUT_OPS", backend)
     teacher = tiny_model(family, seed=1)
     student = prune_blocks(copy.deepcopy(teacher), [2, 5])
     ids, labels = _batch(student)
