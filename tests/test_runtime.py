@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from depthcut._ext import HAS_EXT
+from depthcut.kernels.decode import rope_cache_write_ref
 from depthcut.ops import decode_ops
 from depthcut.runtime import Runtime
+from depthcut.runtime_block import Cache, Decoder, Ops
 from tiny_models import FAMILIES as TINY
 from tiny_models import random_tokens, tiny_model
 
@@ -74,7 +76,7 @@ def test_pruned_equals_hf(family):
     """Pruning also cuts ``layer_types``: the kept blocks keep their window and RoPE table."""
     model = prune(tiny_model(family, seed=1), [1, 4, 5])
     rt = Runtime.from_hf(model)
-    assert len(rt.blocks) == 5
+    assert len(rt.weights.blocks) == 5
     ids, mask = padded_batch(model)
     assert torch.equal(rt.generate(ids, mask, max_new_tokens=16)[0], hf_greedy(model, ids, mask, 16))
 
@@ -142,24 +144,21 @@ def test_compiled_cpu_step_equals_reference_step(family, monkeypatch):
     """The decode step over depthcut._C's CPU kernels gives the step over the kernels'
     torch references the same logits at every position, past the sliding windows."""
     model = tiny_model(family)
-    rt = Runtime.from_hf(model)
-    compiled = rt._add_rmsnorm, rt._rope_cache, rt._attention, rt._swiglu
-    assert compiled[0] is torch.ops.depthcut.add_rmsnorm
-    monkeypatch.setenv("DEPTHCUT_BACKEND", "reference")
-    reference = decode_ops(torch.device("cpu"), torch.float32)
+    compiled = Runtime.from_hf(model).decoder
+    assert compiled.ops.add_rmsnorm is torch.ops.depthcut.add_rmsnorm
+    monkeypatch.setenv("DEPTHCUT_OPS", "reference")
+    reference = Decoder(compiled.w, Ops(*decode_ops(torch.device("cpu"), torch.float32)))
+    assert reference.ops.rope_cache is rope_cache_write_ref
     ids, mask = padded_batch(model)
     with torch.inference_mode():
-        s = rt._session(ids.shape[0], ids.shape[1] + 16)
-        logits = rt._prefill(s, ids, mask)
+        cache = Cache(compiled.w, ids.shape[0], ids.shape[1] + 16)
+        logits = compiled.prefill(cache, ids, mask)
         for _ in range(16):
-            s.tok.copy_(logits.argmax(-1))
-            rt._add_rmsnorm, rt._rope_cache, rt._attention, rt._swiglu = reference
-            ref = rt._step(s)  # both steps write the same cache slot: cache_pos
-            rt._add_rmsnorm, rt._rope_cache, rt._attention, rt._swiglu = compiled
-            logits = rt._step(s)
+            tok = logits.argmax(-1)
+            ref = reference.step(cache, tok)  # both steps write the same cache slot: cache_pos
+            logits = compiled.step(cache, tok)
             torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
-            s.cache_pos += 1
-            s.pos += 1
+            cache.advance()
 
 
 # GQA + sliding window; softcap, GeGLU and post-norms; per-layer RoPE and per-head q/k norms;
@@ -174,10 +173,23 @@ def test_kernel_decode_step_equals_hf(family):
 
     model = prune(tiny_model(family), range(3, 8))  # 3 blocks; Gemma's: sliding, full, sliding
     rt = Runtime.from_hf(model)
-    rt._add_rmsnorm, rt._rope_cache, rt._attention, rt._swiglu = (
-        K.add_rmsnorm, K.rope_cache_write, K.decode_attention, K.swiglu)
+    rt.decoder.ops = Ops(K.add_rmsnorm, K.rope_cache_write, K.decode_attention, K.swiglu)
     ids, mask = padded_batch(model)
     assert torch.equal(rt.generate(ids, mask, max_new_tokens=12)[0], hf_greedy(model, ids, mask, 12))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_memory_bytes_counts_each_weight_once_and_the_caches(tie):
+    """Merged QKV and gate/up hold the HF parameters' elements; a tied head is not counted
+    twice; a session adds its K and V caches (length rounded up to 128)."""
+    model = tiny_model("llama", tie_word_embeddings=tie)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    rt = Runtime.from_hf(model)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: listed once
+    assert rt.memory_bytes() == params
+    rt.generate(random_tokens(model, 2, 9), max_new_tokens=4)
+    w = rt.weights
+    assert rt.memory_bytes() == params + 2 * len(w.blocks) * 2 * w.n_kv * 128 * w.head_dim * 4
 
 
 def test_speed_protocol_writes_json_and_plot(tmp_path):

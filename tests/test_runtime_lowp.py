@@ -31,7 +31,7 @@ def test_narrow_weights_are_fp32_arithmetic_on_rounded_weights(dtype):
     ids = random_tokens(model, 2, 13)
     narrow = Runtime.from_hf(model, dtype=dtype)
     exact = Runtime.from_hf(rounded(model, dtype))
-    assert narrow.blocks[0].wqkv.dtype == dtype and narrow.act_dtype == torch.float32
+    assert narrow.weights.blocks[0].wqkv.dtype == dtype and narrow.weights.act_dtype == torch.float32
     torch.testing.assert_close(narrow.forward(ids), exact.forward(ids), atol=1e-5, rtol=1e-5)
     a, _ = narrow.generate(ids, max_new_tokens=16)
     b, _ = exact.generate(ids, max_new_tokens=16)
