@@ -75,7 +75,7 @@ for path in sorted(glob.glob(os.path.join(work, "results", "decode_*", "speed.js
     d = json.load(open(path))
     print(f"{os.path.basename(os.path.dirname(path))[7:]}: ratios measured in one run")
     for r in d["ratios"]:
-        print(f"    {r['what']:<24} {str(r.get('model', r.get('backend'))):>14} B={r['batch']:<4} "
+        print(f"    {r['what']:<24} {str(r.get('model', r.get('runner'))):>14} B={r['batch']:<4} "
               f"n={r['new_tokens']:<4} {r['ratio']:6.2f}x")
 PY
 }

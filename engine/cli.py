@@ -705,7 +705,7 @@ def cmd_bench(args):
                             hf=not args.no_hf, out_dir=args.out, force=args.force)
     print(f"\n{result['machine']}: ratios measured in this run")
     for r in result["ratios"]:
-        print(f"  {r['what']:<24} {r.get('model', r.get('backend')):>12} B={r['batch']:<4} "
+        print(f"  {r['what']:<24} {r.get('model', r.get('runner')):>12} B={r['batch']:<4} "
               f"n={r['new_tokens']:<4} {r['ratio']:6.2f}x")
     print(f"wrote {args.out}/speed.json and {args.out}/speed.png")
 

@@ -80,14 +80,14 @@ def _own_bytes(model, runtimes, name):
 
 
 def _peak_mib(device, base, own):
-    """On CUDA: this backend's own weights (+ runtime cache) plus what the run allocated on
+    """On CUDA: this runner's own weights (+ runtime cache) plus what the run allocated on
     top of everything already resident; on CPU: the process RSS high-water mark."""
     if device.type == "cuda":
         return (own + torch.cuda.max_memory_allocated(device) - base) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _backends(model, runtimes, hf):
+def _runners(model, runtimes, hf):
     """name -> fn(ids, mask, n) returning (new tokens [B, n], decode tok/s or None)."""
     fns = {}
     if hf:
@@ -112,12 +112,12 @@ def _backends(model, runtimes, hf):
 
 def measure(variants, batch_sizes, new_tokens, warmup, runs, prompt_len=32, hf=True, seed=0, log=print):
     """Rows over the protocol grid. ``variants`` is a list of (label, model, runtimes), where
-    ``runtimes`` maps a backend name to a :class:`Runtime` built from that model. Every
-    (variant, backend) pair runs once per timed repetition, in turn."""
+    ``runtimes`` maps a runner name to a :class:`Runtime` built from that model. Every
+    (variant, runner) pair runs once per timed repetition, in turn."""
     device = next(variants[0][1].parameters()).device
     fns, owners = {}, {}
     for label, model, runtimes in variants:
-        for name, fn in _backends(model, runtimes, hf).items():
+        for name, fn in _runners(model, runtimes, hf).items():
             fns[label, name] = fn
             owners[label, name] = (model, runtimes)
     rows = []
@@ -140,7 +140,7 @@ def measure(variants, batch_sizes, new_tokens, warmup, runs, prompt_len=32, hf=T
                 except torch.cuda.OutOfMemoryError:
                     status[key] = "oom"
                     torch.cuda.empty_cache()
-            for _ in range(runs):  # interleaved: every backend sees the same machine load
+            for _ in range(runs):  # interleaved: every runner sees the same machine load
                 for key, fn in fns.items():
                     if status[key] != "ok":
                         continue
@@ -157,7 +157,7 @@ def measure(variants, batch_sizes, new_tokens, warmup, runs, prompt_len=32, hf=T
                     toks[key] = out
             for (label, name) in fns:
                 key = (label, name)
-                row = dict(model=label, blocks=owners[key][0].config.num_hidden_layers, backend=name,
+                row = dict(model=label, blocks=owners[key][0].config.num_hidden_layers, runner=name,
                            batch=B, new_tokens=n, status=status[key], device=machine())
                 if times[key]:
                     lat = statistics.median(times[key])
@@ -173,31 +173,31 @@ def measure(variants, batch_sizes, new_tokens, warmup, runs, prompt_len=32, hf=T
 
 
 def summarize(rows):
-    """Ratios measured in the same run: runtime/HF per config, pruned/dense per backend."""
-    key = {(r["model"], r["backend"], r["batch"], r["new_tokens"]): r.get("throughput_tok_s") for r in rows}
+    """Ratios measured in the same run: runtime/HF per config, pruned/dense per runner."""
+    key = {(r["model"], r["runner"], r["batch"], r["new_tokens"]): r.get("throughput_tok_s") for r in rows}
     out = []
-    for (model, backend, B, n), tp in key.items():
-        if backend != "hf" and tp and key.get((model, "hf", B, n)):
-            out.append(dict(what=f"{backend}/hf", model=model, batch=B, new_tokens=n,
+    for (model, runner, B, n), tp in key.items():
+        if runner != "hf" and tp and key.get((model, "hf", B, n)):
+            out.append(dict(what=f"{runner}/hf", model=model, batch=B, new_tokens=n,
                             ratio=tp / key[(model, "hf", B, n)]))
-        if model != "dense" and tp and key.get(("dense", backend, B, n)):
-            out.append(dict(what=f"{model}/dense", backend=backend, batch=B, new_tokens=n,
-                            ratio=tp / key[("dense", backend, B, n)]))
+        if model != "dense" and tp and key.get(("dense", runner, B, n)):
+            out.append(dict(what=f"{model}/dense", runner=runner, batch=B, new_tokens=n,
+                            ratio=tp / key[("dense", runner, B, n)]))
     return out
 
 
 def _fmt(r):
     if "latency_s" not in r:
-        return f"{r['model']:>8} {r['blocks']:>3}blk {r['backend']:>8} B={r['batch']:<4} n={r['new_tokens']:<4} {r['status']}"
+        return f"{r['model']:>8} {r['blocks']:>3}blk {r['runner']:>8} B={r['batch']:<4} n={r['new_tokens']:<4} {r['status']}"
     extra = f" decode {r['decode_tok_s']:8.1f} tok/s" if "decode_tok_s" in r else ""
     eq = f" greedy==hf:{r['greedy_equal_to_hf']}" if "greedy_equal_to_hf" in r else ""
-    return (f"{r['model']:>8} {r['blocks']:>3}blk {r['backend']:>8} B={r['batch']:<4} n={r['new_tokens']:<4} "
+    return (f"{r['model']:>8} {r['blocks']:>3}blk {r['runner']:>8} B={r['batch']:<4} n={r['new_tokens']:<4} "
             f"latency {r['latency_s']:8.3f} s  throughput {r['throughput_tok_s']:9.1f} tok/s  "
             f"peak {r['peak_mem_mib']:8.0f} MiB{extra}{eq}")
 
 
 def plot(rows, path):
-    """Throughput vs batch size, one panel per output length, a line per model x backend."""
+    """Throughput vs batch size, one panel per output length, a line per model x runner."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,12 +206,12 @@ def plot(rows, path):
     lengths = sorted({r["new_tokens"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
     for ax, n in zip(axes[0], lengths):
-        for model, backend in sorted({(r["model"], r["backend"]) for r in rows}):
+        for model, runner in sorted({(r["model"], r["runner"]) for r in rows}):
             pts = sorted((r["batch"], r["throughput_tok_s"]) for r in rows
-                         if r["new_tokens"] == n and r["model"] == model and r["backend"] == backend
+                         if r["new_tokens"] == n and r["model"] == model and r["runner"] == runner
                          and "throughput_tok_s" in r)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{model} / {backend}")
+                ax.plot(*zip(*pts), marker="o", label=f"{model} / {runner}")
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="tokens / s",
                title=f"{n} new tokens")
         ax.grid(True, alpha=0.3)
@@ -226,7 +226,7 @@ def speed_protocol(model, prune=None, *, batch_sizes=None, new_tokens=None, warm
                    dtypes=(None,), hf=True, prompt_len=32, interleave=None, out_dir=None, force=False, log=print):
     """Run the speed protocol (docs/DESIGN.md, "Evaluation and speed protocols") on ``model`` (dense) and, when ``prune`` lists blocks to delete, on its
     pruned form (see ``interleave``; ``model`` itself is pruned in place when not). One runtime
-    backend per entry of ``dtypes`` (None: the model's dtype), plus HF generate when
+    runner per entry of ``dtypes`` (None: the model's dtype), plus HF generate when
     ``hf``. Defaults: the full protocol on CUDA, a short one on CPU. ``interleave``
     (default: on CPU) keeps a pruned copy beside the dense model so both are timed in
     the same repetitions. Returns a dict; with ``out_dir`` also writes ``speed.json``
@@ -270,8 +270,8 @@ def speed_protocol(model, prune=None, *, batch_sizes=None, new_tokens=None, warm
             rows += measure([("pruned", model, runtimes(model))], **grid)
     result = dict(machine=machine(), torch=torch.__version__, protocol=proto, prompt_len=prompt_len,
                   model_dtype=str(next(model.parameters()).dtype), pruned_blocks=prune,
-                  peak_mem_note=("backend's own weights/cache + what its run allocated" if device.type == "cuda"
-                                 else "process RSS high-water mark (all backends together)"),
+                  peak_mem_note=("runner's own weights/cache + what its run allocated" if device.type == "cuda"
+                                 else "process RSS high-water mark (all runners together)"),
                   rows=rows, ratios=summarize(rows))
     if out_dir is not None:
         with atomic_path(out_dir, is_dir=True, force=force) as out:

@@ -201,9 +201,9 @@ def test_speed_protocol_writes_json_and_plot(tmp_path):
     res = speed_protocol(model, tail_blocks(8, 6), batch_sizes=[1, 2], new_tokens=[4], warmup=0, runs=1,
                          dtypes=[None, torch.bfloat16], out_dir=tmp_path, log=lambda _: None)
     assert model.config.num_hidden_layers == 8  # CPU default: the pruned variant is a copy
-    assert {(r["model"], r["backend"], r["blocks"]) for r in res["rows"]} == {
+    assert {(r["model"], r["runner"], r["blocks"]) for r in res["rows"]} == {
         (m, b, n) for m, n in (("dense", 8), ("pruned", 6)) for b in ("hf", "runtime", "runtime-bfloat16")}
-    assert all(r["greedy_equal_to_hf"] for r in res["rows"] if r["backend"] == "runtime")
+    assert all(r["greedy_equal_to_hf"] for r in res["rows"] if r["runner"] == "runtime")
     assert {r["what"] for r in res["ratios"]} >= {"runtime/hf", "pruned/dense"}
     assert json.loads((tmp_path / "speed.json").read_text())["rows"] and (tmp_path / "speed.png").stat().st_size
 
