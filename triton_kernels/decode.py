@@ -282,6 +282,17 @@ def _attn_combine_kernel(o_ptr, ml_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.con
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
+def _attn_block_n(dtype, D):
+    """Key/value rows per step of the split kernel (Triton's default 4 warps, 3 stages).
+
+    The tile shrinks as the head grows, and fp32 K/V tiles, twice the registers of 16-bit ones,
+    get half the rows; all compile without register spills for sm_90 (ptxas -v,
+    tests/test_triton_aot.py) but are not yet timed on a GPU.
+    """
+    block_n = 64 if D <= 128 else 32
+    return block_n // 2 if dtype == torch.float32 else block_n
+
+
 def decode_attention(q, k_cache, v_cache, start, cache_pos, window, scale, softcap=None, splits=None):
     """Flash-decoding: (row, KV head, split) programs each read a slice of one KV head
     once for its whole query group, then a combine kernel merges the splits."""
@@ -299,7 +310,7 @@ def decode_attention(q, k_cache, v_cache, start, cache_pos, window, scale, softc
     _attn_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, start, cache_pos, part, ml, S, scale, int(window or 0), float(softcap or 1.0),
         HQ=Hq, HKV=Hkv, D=D, SPLITS=splits, BLOCK_G=max(16, _next_pow2(Hq // Hkv)),
-        BLOCK_N=64 if D <= 128 else 32, BLOCK_D=max(16, _next_pow2(D)),
+        BLOCK_N=_attn_block_n(q.dtype, D), BLOCK_D=max(16, _next_pow2(D)),
         IEEE=q.dtype == torch.float32, SINGLE=single, SOFTCAP=bool(softcap))
     if single:
         return out

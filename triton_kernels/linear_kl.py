@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .linear_nll import (
-    _INTERPRET,
     IGNORE_INDEX,
+    _config,
     _dot_dtype,
     _grad_chunks,
     _grad_hidden,
@@ -29,9 +29,10 @@ from .linear_nll import (
     _vocab_splits,
 )
 
-# (BLOCK_M, BLOCK_V, BLOCK_H, num_warps, num_stages). Two fp32 logit tiles are live at once, hence
-# the smaller row block than linear_nll's forward; GPU values are not yet compiled nor timed on an H100.
-_FWD_CFG = (64, 128, 64, 4, 1) if _INTERPRET else (64, 128, 64, 8, 3)
+# As linear_nll's configurations (interpreter, 16-bit GPU, fp32 GPU; the GPU ones spill-free for
+# sm_90 but not yet timed on a GPU). Two fp32 logit tiles are live at once, hence the smaller row
+# block than linear_nll's 16-bit forward.
+_FWD_CFG = ((64, 128, 64, 4, 1), (64, 128, 64, 8, 3), (64, 64, 64, 8, 3))
 
 
 # ----------------------------------------------------------------------------- reference
@@ -138,7 +139,7 @@ def linear_kl_forward(hs, ws, ht, wt, targets, softcap_s=None, softcap_t=None):
     """Triton (kl [M] fp32, lse_s [M] fp32, lse_t [M] fp32) of KL(softmax(z_t) || softmax(z_s))."""
     _check(hs, ws, ht, wt, targets)
     (m, h), v = hs.shape, ws.shape[0]
-    block_m, block_v, block_h, warps, stages = _FWD_CFG
+    block_m, block_v, block_h, warps, stages = _config(_FWD_CFG, hs, ws, ht, wt)
     splits, v_per_split = _vocab_splits(m, v, block_m, block_v, hs.device)
     parts = torch.empty((5, splits, m), dtype=torch.float32, device=hs.device)
     dot_dtype, precision = _dot_dtype(hs, ws)

@@ -24,14 +24,25 @@ IGNORE_INDEX = -100
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (BLOCK_M, BLOCK_V, BLOCK_H, num_warps, num_stages). GPU values compile to wgmma without register
-# spills for sm_90 (ptxas -v) but are not yet timed on an H100; interpreter values keep the numpy
-# emulation quick on tiny test shapes.
-_FWD_CFG = (64, 128, 64, 4, 1) if _INTERPRET else (128, 128, 64, 8, 3)
-_BWD_CFG = (64, 128, 64, 4, 1) if _INTERPRET else (64, 128, 32, 8, 3)
+# (BLOCK_M, BLOCK_V, BLOCK_H, num_warps, num_stages) under the interpreter, on the GPU for 16-bit
+# dot operands, and on the GPU for fp32 ones (their operand tiles take twice the registers and
+# their ieee dots are FMA loops, so they get smaller tiles). GPU values compile without register
+# spills for sm_90 (ptxas -v, tests/test_triton_aot.py) but are not yet timed on a GPU; interpreter
+# values keep the numpy emulation quick on tiny test shapes.
+_FWD_CFG = ((64, 128, 64, 4, 1), (128, 128, 64, 8, 3), (64, 128, 64, 8, 3))
+_BWD_CFG = ((64, 128, 64, 4, 1), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3))
 # Weight gradient: BLOCK_M is the K of its d^T @ h dot and BLOCK_V x BLOCK_H its accumulator, the
-# transpose of the hidden gradient's tiles. Not yet compiled nor timed on an H100.
-_DW_CFG = (64, 128, 64, 4, 1) if _INTERPRET else (64, 128, 32, 8, 3)
+# transpose of the hidden gradient's tiles.
+_DW_CFG = ((64, 128, 64, 4, 1), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3))
+
+
+def _config(cfgs, *operands):
+    """The row of `cfgs` (one of the triples above) for this process and these dot operands: the
+    16-bit one only when all operands share one 16-bit dtype (else some dot runs in fp32)."""
+    interp, half, fp32 = cfgs
+    if _INTERPRET:
+        return interp
+    return half if _dot_dtype(*operands)[1] is None else fp32
 
 
 # ----------------------------------------------------------------------------- reference
@@ -354,7 +365,7 @@ def _grad_args(hidden, weight, targets, lse, grad, softcap, teacher):
 def _grad_hidden(hidden, weight, targets, lse, grad, softcap, teacher=None):
     """d(sum(grad * loss))/d hidden in hidden's dtype; loss is the NLL, or the KL given a teacher."""
     (m, h), v = hidden.shape, weight.shape[0]
-    block_m, block_v, block_h, warps, stages = _BWD_CFG
+    block_m, block_v, block_h, warps, stages = _config(_BWD_CFG, hidden, weight, *(teacher or ())[:2])
     splits, v_per_split = _vocab_splits(m, v, block_m, block_v, hidden.device)
     slab = torch.empty((splits, m, h), dtype=torch.float32, device=hidden.device)
     if m:
@@ -370,7 +381,7 @@ def _grad_weight(hidden, weight, targets, lse, grad, softcap, teacher=None):
     (m, h), v = hidden.shape, weight.shape[0]
     if not m:
         return torch.zeros((v, h), dtype=torch.float32, device=weight.device)
-    block_m, block_v, block_h, warps, stages = _DW_CFG
+    block_m, block_v, block_h, warps, stages = _config(_DW_CFG, hidden, weight, *(teacher or ())[:2])
     splits, m_per_split = _vocab_splits(v, m, block_v, block_m, hidden.device)
     slab = torch.empty((splits, v, h), dtype=torch.float32, device=hidden.device)
     args, meta = _grad_args(hidden, weight, targets, lse, grad, softcap, teacher)
@@ -384,7 +395,7 @@ def linear_nll_forward(hidden, weight, targets, softcap=None):
     """Triton (nll [M] fp32, lse [M] fp32) for logits = hidden @ weight.T (optionally softcapped)."""
     _check(hidden, weight, targets)
     (m, h), v = hidden.shape, weight.shape[0]
-    block_m, block_v, block_h, warps, stages = _FWD_CFG
+    block_m, block_v, block_h, warps, stages = _config(_FWD_CFG, hidden, weight)
     splits, v_per_split = _vocab_splits(m, v, block_m, block_v, hidden.device)
     parts = torch.empty((3, splits, m), dtype=torch.float32, device=hidden.device)
     targets = targets.contiguous()
