@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .gguf_tokenizer import GGUFExportError, add_tokenizer, check_name, gguf_tokenizer_pre, require_gguf
+from .models import FAMILIES
 from .outputs import GGUF_MARK_KEY, WRITTEN_BY, atomic_path
 
 try:
@@ -88,8 +89,6 @@ class ArchSpec:
 
     ``interleaved_rope``: llama.cpp runs this architecture with RoPE on adjacent pairs (2i, 2i+1)
     while transformers rotates the two halves of each head (i, i + d/2), so q/k rows are reordered.
-    ``norm_offset``: added to every RMSNorm weight (Gemma's norms multiply by 1 + w in transformers
-    and by the stored weight in llama.cpp, so the file holds w + 1, as llama.cpp's converter writes).
     ``metadata``: config -> [(GGUFWriter method, value)] for the family's own keys; it raises
     GGUFExportError for a configuration llama.cpp's graph cannot reproduce.
     ``sliding_window``: llama.cpp's graph for this architecture applies the window (per layer).
@@ -98,7 +97,6 @@ class ArchSpec:
     arch: str  # a gguf.MODEL_ARCH member name
     interleaved_rope: bool
     tensors: dict
-    norm_offset: float = 0.0
     metadata: Callable | None = None
     sliding_window: bool = False
 
@@ -187,9 +185,9 @@ ARCHITECTURES = {
     "mistral": ArchSpec("LLAMA", True, _LLAMA_STYLE_TENSORS),
     "qwen2": ArchSpec("QWEN2", False, _LLAMA_STYLE_TENSORS),
     "qwen3": ArchSpec("QWEN3", False, _LLAMA_STYLE_TENSORS),
-    "gemma": ArchSpec("GEMMA", False, _GEMMA_TENSORS, 1.0),
-    "gemma2": ArchSpec("GEMMA2", False, _GEMMA2_TENSORS, 1.0, _gemma2_metadata, True),
-    "gemma3_text": ArchSpec("GEMMA3", False, _GEMMA3_TENSORS, 1.0, _gemma3_metadata, True),
+    "gemma": ArchSpec("GEMMA", False, _GEMMA_TENSORS),
+    "gemma2": ArchSpec("GEMMA2", False, _GEMMA2_TENSORS, _gemma2_metadata, True),
+    "gemma3_text": ArchSpec("GEMMA3", False, _GEMMA3_TENSORS, _gemma3_metadata, True),
     # llama.cpp's phi3 graph has no sliding window (it reads the key and switches it off).
     "phi3": ArchSpec("PHI3", False, _PHI3_TENSORS, metadata=_phi3_metadata),
     "olmo2": ArchSpec("OLMO2", False, _OLMO2_TENSORS),
@@ -301,7 +299,8 @@ def _tensor_plan(model, spec: ArchSpec, weight_type: gguf.GGMLQuantizationType):
             if tensor.shape[-1] % gguf.GGML_QUANT_SIZES[ttype][0]:
                 fallbacks.append(gguf_name)
                 ttype = Q.F16
-        offset = spec.norm_offset if target in _NORMS else 0.0
+        # the family's norm offset goes into the file: llama.cpp multiplies by the stored weight
+        offset = FAMILIES[config.model_type].norm_offset if target in _NORMS else 0.0
         plan.append((gguf_name, tensor, permute_heads, tuple(tensor.shape), ttype, offset))
     if fallbacks:
         warnings.warn(f"{len(fallbacks)} tensors stored as f16: row length not a multiple of the "

@@ -22,11 +22,15 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass(frozen=True)
 class Family:
-    """How a family's head turns final hidden states into logits, and which config scalars
-    describe blocks by index (per-layer lists like ``layer_types`` are cut generically)."""
+    """What differs between families, read by every stage (scorer, pruner, runtime, GGUF export):
+    how the head turns final hidden states into logits, how norms and attention scale, and which
+    config scalars describe blocks by index (per-layer lists like ``layer_types`` are cut
+    generically). The GGUF mapping to llama.cpp's architectures is ``export_gguf.ARCHITECTURES``."""
 
     logit_softcap_attr: str | None = None  # logits = cap * tanh(logits / cap)
     logit_divisor_attr: str | None = None  # logits = logits / divisor
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): Gemma's 1 + w
+    attn_softcap_attr: str | None = None  # attention logits capped (Gemma 3 keeps the key but never applies it)
     # "the first k blocks are special": recounted over the kept blocks when blocks go
     leading_blocks_attrs: tuple[str, ...] = ()
     # "every k-th block": no longer true after a cut, so dropped (``layer_types`` says it per block)
@@ -38,9 +42,10 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(),
     "qwen2": Family(leading_blocks_attrs=("max_window_layers",)),
     "qwen3": Family(leading_blocks_attrs=("max_window_layers",)),
-    "gemma": Family(),
-    "gemma2": Family(logit_softcap_attr="final_logit_softcapping"),
-    "gemma3_text": Family(logit_softcap_attr="final_logit_softcapping",
+    "gemma": Family(norm_offset=1.0),
+    "gemma2": Family(logit_softcap_attr="final_logit_softcapping", norm_offset=1.0,
+                     attn_softcap_attr="attn_logit_softcapping"),
+    "gemma3_text": Family(logit_softcap_attr="final_logit_softcapping", norm_offset=1.0,
                           block_period_attrs=("sliding_window_pattern", "_sliding_window_pattern")),
     "phi3": Family(),
     "olmo2": Family(),

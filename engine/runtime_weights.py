@@ -16,7 +16,6 @@ import torch
 from .models import FAMILIES, ModelAdapter
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
-_GEMMA_NORM = ("gemma", "gemma2", "gemma3_text")  # RMSNorm scales by (1 + w)
 _ACTIVATIONS = {"silu": False, "gelu_pytorch_tanh": True}  # MLP activation -> GeGLU (else SwiGLU)
 _ROPE_FROM_MODEL = ("linear", "llama3", "yarn")  # static inv_freq: reuse HF's computation
 
@@ -85,7 +84,8 @@ class Weights:
         device = torch.device(device) if device is not None else next(model.parameters()).device
         if act_dtype is None:
             act_dtype = dtype if device.type == "cuda" else torch.float32
-        offset = 1.0 if cfg.model_type in _GEMMA_NORM else 0.0
+        family = FAMILIES[cfg.model_type]
+        offset = family.norm_offset
 
         def t(x, dt=dtype):
             return None if x is None else x.detach().to(device=device, dtype=dt).contiguous()
@@ -125,8 +125,7 @@ class Weights:
                 q_norm=qn if per_head else None, k_norm=kn if per_head else None,
                 q_norm_all=None if per_head else qn, k_norm_all=None if per_head else kn,
                 window=int(window) if window else None,
-                # Gemma3 keeps attn_logit_softcapping in its config but never applies it
-                softcap=getattr(a, "attn_logit_softcapping", None) if cfg.model_type == "gemma2" else None,
+                softcap=getattr(a, family.attn_softcap_attr, None) if family.attn_softcap_attr else None,
                 rope=rope_of[i]))
         emb = base.embed_tokens
         embed = t(emb.weight)

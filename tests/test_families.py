@@ -49,8 +49,10 @@ def pruned(case: str):
     return model, ids, depthcut.prune_blocks(copy.deepcopy(model), REMOVE)
 
 
-def test_every_engine_family_has_a_tiny_model():
-    assert set(ENGINE_FAMILIES) == set(FAMILIES)
+def test_every_engine_family_has_a_tiny_model_and_a_gguf_mapping():
+    from depthcut.export_gguf import ARCHITECTURES
+
+    assert set(ENGINE_FAMILIES) == set(FAMILIES) == set(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("case", CASES)
