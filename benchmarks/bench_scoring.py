@@ -3,7 +3,8 @@
 Every ratio is measured in this one run, on this machine. Examples:
   python benchmarks/bench_scoring.py                          # CPU, real SmolLM2, fp32 and bf16 pass
   python benchmarks/bench_scoring.py --shape llama7b          # GPU, random weights, bf16
-  python benchmarks/bench_scoring.py --shape llama7b --n-samples 128 --seq-len 2048 --only fused
+  python benchmarks/bench_scoring.py --shape llama7b --n-samples 128 --seq-len 2048 --only fused \
+      --max-memory-gib 2      # SLEB scale within 1.15 x the weights: Taylor's per_block backward
 """
 from __future__ import annotations
 
@@ -69,14 +70,21 @@ def _rss() -> int:
 def measure(name, fn, device, results, weights_bytes):
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     results.append({"what": name, "seconds": seconds, "peak_extra_bytes": mem.bytes,
                     "peak_over_weights": (mem.bytes + weights_bytes) / weights_bytes if device.type == "cuda"
-                    else None})
+                    else None, "plan": _plan(getattr(out, "meta", {}))})
     print(f"  {name}: {seconds:.2f} s", file=sys.stderr)
+
+
+def _plan(meta: dict) -> dict:
+    """How the fused pass cut the work: chunks, variant groups, and Taylor's backward."""
+    keys = ("windows_per_chunk", "variant_batch", "taylor_backward", "taylor_accumulator_bytes",
+            "taylor_stored_bytes", "taylor_stored_on")
+    return {k: meta[k] for k in keys if k in meta}
 
 
 def naive_ppl(model, ids):
@@ -105,6 +113,7 @@ def main(argv=None):
     ap.add_argument("--only", choices=("fused", "all"), default="all", help="fused only (large calibration runs)")
     ap.add_argument("--skip-naive", action="store_true", help="skip the fresh-model-per-block baseline")
     ap.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 peak for the utilisation column")
+    ap.add_argument("--max-memory-gib", type=float, help="budget of the fused pass (default: half the free memory)")
     ap.add_argument("--json", default="benchmarks/scoring.json")
     args = ap.parse_args(argv)
 
@@ -125,7 +134,8 @@ def main(argv=None):
 
     results: list[dict] = []
     all_criteria = ["ppl", "taylor", "magnitude", "bi"]
-    score = lambda crit, **kw: depthcut.score(model, ids, crit, progress=False, **kw)  # noqa: E731
+    budget = int(args.max_memory_gib * 2**30) if args.max_memory_gib else None
+    score = lambda crit, **kw: depthcut.score(model, ids, crit, progress=False, max_memory=budget, **kw)  # noqa: E731
     measure("fused, all criteria (first call)", lambda: score(all_criteria), device, results, weights)
     measure("fused, all criteria", lambda: score(all_criteria), device, results, weights)
     if device.type == "cpu" and dtype == torch.float32:
@@ -155,8 +165,9 @@ def main(argv=None):
     tflops = flops / fused / 1e12
     print(f"fused all-criteria pass: ~{flops / 1e12:.2f} TFLOP, {tflops:.2f} TFLOP/s"
           + (f" ({100 * tflops / args.peak_tflops:.0f}% of {args.peak_tflops:.0f})" if device.type == "cuda" else ""))
+    print(f"fused pass plan: {results[1]['plan']}")
     if device.type == "cuda":
-        print(f"peak memory / weights (fused, all): {results[1]['peak_over_weights']:.2f}")
+        print(f"peak memory / weights (fused, all): {results[1]['peak_over_weights']:.2f} (target <= 1.15)")
     out = {"model": label, "blocks": L, "dtype": str(dtype), "calibration": list(ids.shape), "machine": machine(),
            "date": time.strftime("%Y-%m-%d"), "weights_bytes": weights, "fused_tflop": flops / 1e12,
            "results": results}

@@ -195,7 +195,7 @@ PY
     step ext_gpu_tests 60 "${PYTEST[@]}" --junitxml="$R/ext_gpu_tests.xml" tests/test_kernels_dispatch.py \
         tests/test_ext.py
     step scoring_llama7b_8x2048 90 python3 benchmarks/bench_scoring.py --shape llama7b --n-samples 8 \
-        --seq-len 2048 --only fused --json "$R/scoring_llama7b_8x2048.json" $(dry_help)
+        --seq-len 2048 --only fused --max-memory-gib 2 --json "$R/scoring_llama7b_8x2048.json" $(dry_help)
     step decode_llama7b_b16_64 60 python3 benchmarks/bench_decode.py --shape llama7b --batch-sizes 16,64 \
         --new-tokens 128 --warmup 1 --runs 2 --out "$R/decode_llama7b_b16_64" $(dry_help)
 fi

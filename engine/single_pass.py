@@ -96,15 +96,19 @@ class PassResult:
 
 
 class TaylorAccumulator:
-    """Σ|W ⊙ ∂L/∂W| per block without storing weight gradients where one GEMM sees every token.
+    """Σ|W ⊙ ∂L/∂W| per block, with the gradient's sign kept until every token is in.
 
-    With several token chunks the signed gradient must be summed over all chunks before the
-    absolute value, so each linear weight then gets an fp32 accumulator (4 bytes/parameter).
+    Three ways to get there (docs/DESIGN.md, "The Taylor backward"):
+    - ``one_gemm``: one chunk holds every window, so a single GEMM dW = dyᵀx sees every token
+      and the saliency kernel reduces it in its epilogue; dW is never stored;
+    - ``per_block``: the backward runs block by block over every chunk, so only the block in
+      hand has fp32 dW accumulators (one block's weights × 4 bytes), freed when it is done;
+    - ``per_chunk``: each chunk's backward runs right after its walk, so every block keeps its
+      fp32 accumulators for the whole pass (4 bytes per block weight element).
     """
 
-    def __init__(self, adapter: ModelAdapter, layer_ids: list[int], exact_in_one_gemm: bool):
-        self.adapter = adapter
-        self.fused = exact_in_one_gemm
+    def __init__(self, adapter: ModelAdapter, layer_ids: list[int], backward: str):
+        self.backward = backward
         self.scores = torch.zeros(len(layer_ids), dtype=torch.float64)
         self.linears = {i: [m for m in adapter.layers[i].modules() if isinstance(m, nn.Linear)]
                         for i in layer_ids}
@@ -112,28 +116,23 @@ class TaylorAccumulator:
         self.other_params = {i: [p for p in adapter.layers[i].parameters() if id(p) not in linear_weights]
                              for i in layer_ids}
         self.grads: dict[nn.Linear, torch.Tensor] = {}
-        self.accumulator_bytes = 0 if self.fused else self.bytes_needed(adapter, layer_ids)
-
-    @staticmethod
-    def bytes_needed(adapter: ModelAdapter, layer_ids: list[int]) -> int:
-        """The fp32 accumulators of every linear weight of the blocks (several chunks only)."""
-        return sum(m.weight.numel() * 4 for i in layer_ids for m in adapter.layers[i].modules()
-                   if isinstance(m, nn.Linear))
+        self.pending = dict(enumerate(layer_ids))  # positions whose sums are not yet in ``scores``
+        self.accumulator_bytes = accumulator_bytes(adapter, layer_ids, backward)
 
     @contextmanager
     def recording(self, pos: int, i: int):
-        """While block i is recomputed and backpropagated, reduce each linear's dW on the fly."""
+        """While block i is recomputed and backpropagated, reduce or accumulate each linear's dW."""
 
         def forward_hook(module, args, out):
             x = args[0].detach()
 
             def grad_hook(dy):
                 x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-                if self.fused:
+                if self.backward == "one_gemm":
                     self.scores[pos] += taylor_saliency(x2, dy2, module.weight.detach()).item()
                 else:
                     g = self.grads.setdefault(module, torch.zeros_like(module.weight, dtype=torch.float32))
-                    g.add_(_weight_grad_fp32(dy2, x2))
+                    _add_weight_grad(g, dy2, x2)
 
             out.register_hook(grad_hook)
 
@@ -148,17 +147,34 @@ class TaylorAccumulator:
             for p in self.other_params[i]:
                 p.requires_grad_(False)
 
-    def finish(self, layer_ids: list[int]) -> list[float]:
-        out = self.scores.clone()
-        for pos, i in enumerate(layer_ids):
-            for p in self.other_params[i]:
-                if p.grad is not None:
-                    out[pos] += (p.detach().float() * p.grad.float()).abs().sum().item()
-                    p.grad = None
-            for m in self.linears[i]:
-                if m in self.grads:
-                    out[pos] += (m.weight.detach().float() * self.grads.pop(m)).abs().sum().item()
-        return out.tolist()
+    def block_done(self, pos: int) -> None:
+        """Every chunk has passed block ``pos``: reduce its sums and free its accumulators
+        (per_chunk waits for ``finish``, since later chunks still add to them)."""
+        if self.backward == "per_chunk":
+            return
+        self._reduce(pos)
+
+    def _reduce(self, pos: int) -> None:
+        i = self.pending.pop(pos)
+        for p in self.other_params[i]:
+            if p.grad is not None:
+                self.scores[pos] += (p.detach().float() * p.grad.float()).abs().sum().item()
+                p.grad = None
+        for m in self.linears[i]:
+            if m in self.grads:
+                self.scores[pos] += (m.weight.detach().float() * self.grads.pop(m)).abs().sum().item()
+
+    def finish(self) -> list[float]:
+        for pos in list(self.pending):
+            self._reduce(pos)
+        return self.scores.tolist()
+
+
+def accumulator_bytes(adapter: ModelAdapter, layer_ids: list[int], backward: str) -> int:
+    """Device bytes of the fp32 dW accumulators: none, the largest block's, or every block's."""
+    per_block = [sum(m.weight.numel() * 4 for m in adapter.layers[i].modules() if isinstance(m, nn.Linear))
+                 for i in layer_ids]
+    return {"one_gemm": 0, "per_block": max(per_block), "per_chunk": sum(per_block)}[backward]
 
 
 @dataclass
@@ -223,7 +239,13 @@ class SinglePass:
     """One walk over the calibration set for the chosen criteria (see module docstring)."""
 
     def __init__(self, model, criteria: set[str], windows: tuple[int, ...] = (), max_memory: int | None = None,
-                 dtype: torch.dtype | None = None, angular_tokens: str = "all"):
+                 dtype: torch.dtype | None = None, angular_tokens: str = "all",
+                 several_chunks_backward: str | None = None):
+        """``several_chunks_backward`` (per_block or per_chunk) overrides the Taylor backward picked
+        when the calibration takes several chunks (tests compare the two)."""
+        if several_chunks_backward not in (None, "per_block", "per_chunk"):
+            raise DepthcutError(f"unknown Taylor backward {several_chunks_backward!r}")
+        self.several_chunks_backward = several_chunks_backward
         if dtype is not None and dtype != next(model.parameters()).dtype:
             model = copy.deepcopy(model).to(dtype)
         self.adapter = ModelAdapter(model)
@@ -247,14 +269,19 @@ class SinglePass:
         variants = len(layer_ids) + 1 if "ppl" in self.criteria else 1
         kept = len(layer_ids) + 1 if keep_stream else 0
         plan = make_plan(adapter, n_windows, seq_len, self.dtype, self.device, self.max_memory, kept, variants)
-        if want_taylor and plan.windows_per_chunk < n_windows:  # several chunks: fp32 dW sums for the whole pass
-            reserved = TaylorAccumulator.bytes_needed(adapter, layer_ids)
+        self.taylor_backward, self.taylor_store = "one_gemm", self.device
+        if want_taylor and plan.windows_per_chunk < n_windows:
+            self.taylor_backward, self.taylor_store, reserved = self._taylor_layout(layer_ids, n_windows, seq_len)
+            if self.taylor_store != self.device and not self.windows:
+                kept = 0  # only Taylor reads the stream: each boundary goes to host memory as it is made
             plan = make_plan(adapter, n_windows, seq_len, self.dtype, self.device, self.max_memory, kept, variants,
                              reserved)
         calls = BlockCalls(adapter, seq_len, self.device)
         result = PassResult(len(layer_ids))
         chunks = range(0, n_windows, plan.windows_per_chunk)
-        taylor = TaylorAccumulator(adapter, layer_ids, exact_in_one_gemm=len(chunks) == 1) if want_taylor else None
+        if len(chunks) == 1:
+            self.taylor_backward = "one_gemm"
+        taylor = TaylorAccumulator(adapter, layer_ids, self.taylor_backward) if want_taylor else None
         result.count = n_windows * (seq_len - 1)
         result.tokens = n_windows * seq_len
         flags = {p: p.requires_grad for p in adapter.model.parameters()}
@@ -263,26 +290,63 @@ class SinglePass:
         try:
             bar = tqdm(total=len(chunks) * len(layer_ids) * (2 if want_taylor else 1), desc="single pass",
                        disable=not progress, leave=False)
+            waiting: list[_ChunkGrad] = []  # per_block: every chunk's stream, for the block-major backward
             for start in chunks:
                 ids = input_ids[start:start + plan.windows_per_chunk].to(self.device)
-                self._walk_chunk(calls, ids, layer_ids, plan, result, taylor, bar)
+                stream = self._walk_chunk(calls, ids, layer_ids, plan, result, bar)
+                if taylor is None:
+                    continue
+                chunk = self._head_grad(stream, ids, result.count)
+                if self.taylor_backward == "per_block":
+                    waiting.append(chunk.to(self.taylor_store))
+                else:
+                    result.first_order = _add(result.first_order, self._backward(calls, [chunk], layer_ids, taylor, bar))
+                del stream, chunk
+            self.taylor_stored_bytes = sum(c.nbytes for c in waiting)
+            if waiting:
+                result.first_order = self._backward(calls, waiting, layer_ids, taylor, bar)
+            del waiting
             bar.close()
         finally:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
         self.plan = plan
-        self.taylor_scores = taylor.finish(layer_ids) if taylor else None
+        self.taylor_scores = taylor.finish() if taylor else None
         self.taylor_accumulator_bytes = taylor.accumulator_bytes if taylor else 0
         return result
 
+    def _taylor_layout(self, layer_ids: list[int], n_windows: int, seq_len: int):
+        """Several chunks: which Taylor backward, where the chunks' streams wait, and the device
+        bytes to reserve for it (docs/DESIGN.md, "The Taylor backward").
+
+        per_block holds one block's fp32 accumulators on the device but keeps every chunk's
+        L+1 stream boundaries and gradient until the backward: on a GPU they wait in pinned
+        host memory unless they fit the budget. On a CPU both live in the same memory, so
+        whichever of per_block and per_chunk needs less is taken."""
+        esize = torch.finfo(self.dtype).bits // 8
+        stored = (len(layer_ids) + 2) * n_windows * seq_len * self.adapter.config.hidden_size * esize
+        one = accumulator_bytes(self.adapter, layer_ids, "per_block")
+        every = accumulator_bytes(self.adapter, layer_ids, "per_chunk")
+        backward = self.several_chunks_backward
+        if backward is None:
+            backward = "per_block" if self.device.type == "cuda" or stored + one < every else "per_chunk"
+        if backward == "per_chunk":
+            return backward, self.device, every
+        if self.device.type == "cuda" and stored + one > (self.max_memory or default_budget(self.device)) // 2:
+            return backward, torch.device("cpu"), one
+        return backward, self.device, one + stored
+
     @torch.no_grad()
-    def _walk_chunk(self, calls: BlockCalls, ids, layer_ids, plan: Plan, result: PassResult, taylor, bar):
+    def _walk_chunk(self, calls: BlockCalls, ids, layer_ids, plan: Plan, result: PassResult, bar):
+        """Adds one chunk's sums to ``result``; returns the full stream at every block boundary
+        when Taylor or angular distance needs it."""
         n, t = ids.shape
         L = len(layer_ids)
         h = calls.embed(ids)
         buf = h.new_zeros((plan.slots, n, t, h.shape[-1]))
         buf[0] = h
-        stream = [h] if (taylor or self.windows) else None
+        keep = self.taylor_store if "taylor" in self.criteria and not self.windows else self.device
+        stream = [_copy_to(h, keep)] if ("taylor" in self.criteria or self.windows) else None
         cos_sum = torch.zeros(L, dtype=torch.float64, device=self.device)
         for pos, i in enumerate(layer_ids):
             live = min(pos + 1, plan.variants)
@@ -302,7 +366,7 @@ class SinglePass:
                 buf[s:min(e, live)] = out[:min(e, live) - s]
             cos_sum[pos] = _cos(h_in, buf[0]).sum()
             if stream is not None:
-                stream.append(buf[0].clone())
+                stream.append(_copy_to(buf[0], keep, clone=True))
             bar.update()
         result.bi = _add(result.bi, cos_sum.cpu())
         ends = stream if self.angular_tokens == "all" else self._pruneme_view(stream)
@@ -311,10 +375,7 @@ class SinglePass:
                                for p in range(L - w + 1)])
             result.angular[w] = _add(result.angular.get(w), ang.double().cpu())
         result.nll = _add(result.nll, self._variant_nll(buf[:plan.variants], ids).cpu())
-        del buf, h_in  # the variant stack is not needed by the backward: free it first
-        if taylor is not None:
-            first_order = self._backward(calls, stream, ids, layer_ids, result.count, taylor, bar)
-            result.first_order = _add(result.first_order, first_order)
+        return stream  # the variant stack is freed here, before any backward
 
     def _pruneme_view(self, stream: list[torch.Tensor]) -> list[torch.Tensor]:
         """PruneMe's convention (docs/DESIGN.md, "Criteria"): each window's last token only, and
@@ -338,30 +399,64 @@ class SinglePass:
             sums.append(nll.view(len(v), -1).double().sum(1))
         return torch.cat(sums)
 
-    def _backward(self, calls, stream, ids, layer_ids, count, taylor: TaylorAccumulator, bar) -> torch.Tensor:
-        """Backward of the full model, block by block from the end, recomputing each block."""
+    def _head_grad(self, stream: list[torch.Tensor], ids: torch.Tensor, count: int) -> _ChunkGrad:
+        """∂(Σ NLL / count)/∂h_L for one chunk, through the final norm and the fused head."""
+        with torch.enable_grad():
+            h = stream[-1].to(self.device).detach().requires_grad_(True)
+            (self._head(h, ids[:, 1:]).sum() / count).backward()
+        return _ChunkGrad(stream, h.grad)
+
+    def _backward(self, calls, chunks: list[_ChunkGrad], layer_ids, taylor: TaylorAccumulator, bar) -> torch.Tensor:
+        """Backward of the full model, block by block from the end, recomputing each block from its
+        stored input; every chunk passes a block before the next block is started."""
         first_order = torch.zeros(len(layer_ids), dtype=torch.float64)
         with torch.enable_grad():
-            h = stream[-1].detach().requires_grad_(True)
-            (self._head(h, ids[:, 1:]).sum() / count).backward()
-            grad = h.grad
             for pos in reversed(range(len(layer_ids))):
-                first_order[pos] = (grad.float() * (stream[pos + 1] - stream[pos]).float()).sum().item()
-                x = stream[pos].detach().requires_grad_(True)
-                with taylor.recording(pos, layer_ids[pos]):
-                    calls(layer_ids[pos], x).backward(grad)
-                grad = x.grad
-                bar.update()
+                for chunk in chunks:
+                    h_out = chunk.stream.pop().to(self.device, non_blocking=True)  # h_{pos+1}: its last use
+                    grad, h_in = (t.to(self.device, non_blocking=True) for t in (chunk.grad, chunk.stream[pos]))
+                    first_order[pos] += (grad.float() * (h_out - h_in).float()).sum().item()
+                    x = h_in.detach().requires_grad_(True)
+                    with taylor.recording(pos, layer_ids[pos]):
+                        calls(layer_ids[pos], x).backward(grad)
+                    chunk.grad = x.grad if chunk.grad.device == x.device else chunk.grad.copy_(x.grad, non_blocking=True)
+                    bar.update()
+                taylor.block_done(pos)
         return first_order
 
 
-def _weight_grad_fp32(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dy.T @ x summed and returned in fp32. On CUDA a bf16/fp16 GEMM with an fp32 output
-    (``out_dtype``) runs at the tensor cores' rate; an fp32 GEMM there is ~15x slower. The CPU
-    has no such GEMM in torch, so it computes in fp32."""
+@dataclass
+class _ChunkGrad:
+    """One chunk's full stream at every block boundary not yet passed by the backward, and the
+    loss gradient at the last of them."""
+
+    stream: list[torch.Tensor]
+    grad: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.stream, self.grad))
+
+    def to(self, device: torch.device) -> _ChunkGrad:
+        return _ChunkGrad([_copy_to(t, device) for t in self.stream], _copy_to(self.grad, device))
+
+
+def _copy_to(t: torch.Tensor, device: torch.device, clone: bool = False) -> torch.Tensor:
+    """``t`` in ``device`` memory: pinned when that is the host of a GPU tensor, so the copy and
+    its way back are asynchronous (both are ordered on the current stream)."""
+    if t.device == device:
+        return t.clone() if clone else t
+    return torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
+
+
+def _add_weight_grad(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += dyᵀ·x in fp32. On CUDA a bf16/fp16 GEMM with an fp32 output (``out_dtype``) runs at
+    the tensor cores' rate; an fp32 GEMM there is ~15x slower. The CPU has no such GEMM in torch,
+    so it computes in fp32."""
     if dy.is_cuda and dy.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(dy.t(), x, out_dtype=torch.float32)
-    return dy.t().float() @ x.float()
+        acc.add_(torch.mm(dy.t(), x, out_dtype=torch.float32))
+    else:
+        acc.addmm_(dy.t().float(), x.float())
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -397,7 +492,10 @@ def score_single_pass(model, input_ids: torch.Tensor, criteria: set[str], window
         "seconds": time.perf_counter() - t0,
         "windows_per_chunk": sp.plan.windows_per_chunk,
         "variant_batch": sp.plan.variant_batch,
+        "taylor_backward": sp.taylor_backward if "taylor" in criteria else None,
         "taylor_accumulator_bytes": sp.taylor_accumulator_bytes,
+        "taylor_stored_bytes": sp.taylor_stored_bytes,
+        "taylor_stored_on": str(sp.taylor_store) if sp.taylor_stored_bytes else None,
         "dtype": str(sp.dtype).replace("torch.", ""),
         "block_evaluations": L + L * (L - 1) // 2 if "ppl" in criteria else L,
     }

@@ -115,6 +115,59 @@ def test_fused_equals_reference(family, max_memory):
         assert fused.ranking(c) == ref.ranking(c), c
 
 
+@pytest.mark.parametrize("backward", ["per_block", "per_chunk"])
+def test_taylor_over_several_chunks_keeps_the_sign_until_the_end(backward):
+    """Both several-chunk backwards give the definition's scores and the first-order estimate."""
+    from depthcut.single_pass import SinglePass, accumulator_bytes
+
+    model = tiny_model("llama", seed=12)
+    ids = random_tokens(model, 5, 19, seed=13)
+    one = SinglePass(model, {"taylor"}, dtype=torch.float32)
+    whole = one.run(ids, progress=False)
+    sp = SinglePass(model, {"taylor"}, max_memory=60_000, dtype=torch.float32, several_chunks_backward=backward)
+    chunked = sp.run(ids, progress=False)
+    assert one.taylor_backward == "one_gemm" and sp.plan.windows_per_chunk < len(ids)
+    assert sp.taylor_backward == backward
+    assert rel(sp.taylor_scores, direct_taylor(model, ids)) < 1e-4
+    assert rel(chunked.first_order.tolist(), whole.first_order.tolist()) < 1e-4
+    blocks = list(range(model.config.num_hidden_layers))
+    assert sp.taylor_accumulator_bytes == accumulator_bytes(sp.adapter, blocks, backward)
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    if backward == "per_block":  # one block's accumulators; every chunk's L+1 boundaries and gradient wait
+        assert sp.taylor_accumulator_bytes == linear_bytes // len(blocks)
+        assert sp.taylor_stored_bytes == (len(blocks) + 2) * ids.numel() * model.config.hidden_size * 4
+    else:
+        assert sp.taylor_accumulator_bytes == linear_bytes and sp.taylor_stored_bytes == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_per_block_taylor_waits_in_host_memory():
+    """Over budget on a GPU, the chunks' boundaries wait in pinned host memory: same scores."""
+    from depthcut.single_pass import SinglePass
+
+    model = tiny_model("llama", seed=12).cuda()
+    ids = random_tokens(model, 5, 19, seed=13)
+    for criteria in ({"taylor", "ppl"}, {"taylor", "ppl", "angular"}):
+        sp = SinglePass(model, criteria, windows=(2,) if "angular" in criteria else (), max_memory=60_000,
+                        dtype=torch.float32)
+        sp.run(ids, progress=False)
+        assert (sp.taylor_backward, sp.taylor_store.type) == ("per_block", "cpu")
+        assert rel(sp.taylor_scores, direct_taylor(model, ids.cuda())) < 1e-4
+
+
+def test_cpu_picks_the_smaller_several_chunk_backward():
+    """On a CPU the stored streams and the accumulators share one memory: the smaller wins."""
+    from depthcut.single_pass import SinglePass
+
+    model = tiny_model("llama", seed=12)
+    short = SinglePass(model, {"taylor"}, max_memory=60_000, dtype=torch.float32)
+    short.run(random_tokens(model, 5, 19, seed=13), progress=False)  # streams ≈ 0.24 MB < accumulators ≈ 0.98 MB
+    long = SinglePass(model, {"taylor"}, max_memory=60_000, dtype=torch.float32)
+    long.run(random_tokens(model, 6, 200, seed=13), progress=False)  # streams ≈ 3.1 MB
+    assert (short.taylor_backward, long.taylor_backward) == ("per_block", "per_chunk")
+
+
 def test_fused_with_fixed_shape_groups_equals_reference():
     """The padded constant-size variant groups used on the GPU give the same numbers."""
     from depthcut import single_pass
