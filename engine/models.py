@@ -356,6 +356,13 @@ def drop_quantization_config(model) -> None:
         model.hf_quantizer = None
 
 
+def check_context(config, positions: int, what: str) -> None:
+    """Refuses work that needs more positions than the model was built for; ``what`` names them."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and positions > context:
+        raise DepthcutError(f"{what} exceed the model's context of {context} tokens")
+
+
 def check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():

@@ -16,6 +16,7 @@ import time
 import torch
 
 from .errors import DepthcutError
+from .models import check_context
 from .outputs import atomic_path
 
 SHAPES = {  # random-weight stand-ins for the GPU targets (docs/DESIGN.md, "Targets and what was measured")
@@ -243,10 +244,8 @@ def speed_protocol(model, prune=None, *, batch_sizes=None, new_tokens=None, warm
             or proto["warmup"] < 0 or proto["runs"] < 1:
         raise DepthcutError(f"the protocol needs batch sizes and new tokens of at least 1, warmup >= 0 and "
                             f"runs >= 1; got {proto}")
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and prompt_len + max(proto["new_tokens"]) > context:
-        raise DepthcutError(f"{prompt_len}-token prompts and {max(proto['new_tokens'])} new tokens exceed the "
-                            f"model's context of {context} tokens")
+    new = max(proto["new_tokens"])
+    check_context(model.config, prompt_len + new, f"{prompt_len}-token prompts and {new} new tokens")
 
     def runtimes(m):
         return {"runtime" + ("" if dt is None else "-" + str(dt).replace("torch.", "")):

@@ -17,8 +17,8 @@ from jinja2 import TemplateError
 
 from .calibration import Calibration, json_lines, read_utf8
 from .errors import DepthcutError
+from .kernels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 

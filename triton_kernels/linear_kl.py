@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import IGNORE_INDEX
 from .linear_nll import (
-    IGNORE_INDEX,
     _config,
     _dot_dtype,
     _grad_chunks,

@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-IGNORE_INDEX = -100
+from . import IGNORE_INDEX
+
+_IGNORE = tl.constexpr(IGNORE_INDEX)  # the same value, as jit-ed kernels read globals
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -166,7 +168,7 @@ def _linear_nll_fwd_kernel(h_ptr, w_ptr, t_ptr, max_ptr, sum_ptr, tgt_ptr, M, V,
     pid_s = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = offs_m < M
-    tgt = tl.load(t_ptr + offs_m, mask=mask_m, other=-100)
+    tgt = tl.load(t_ptr + offs_m, mask=mask_m, other=_IGNORE)
     v_lo = pid_s * v_per_split
     v_hi = tl.minimum(V, v_lo + v_per_split)
 
@@ -233,11 +235,11 @@ def _grad_hidden_kernel(h_ptr, w_ptr, ht_ptr, wt_ptr, t_ptr, lse_ptr, lse_t_ptr,
     pid_s = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = offs_m < M
-    tgt = tl.load(t_ptr + offs_m, mask=mask_m, other=-100)
+    tgt = tl.load(t_ptr + offs_m, mask=mask_m, other=_IGNORE)
     lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
     lse_t = tl.load(lse_t_ptr + offs_m, mask=mask_m, other=0.0)
     g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-    g = tl.where(tgt == -100, 0.0, g)
+    g = tl.where(tgt == _IGNORE, 0.0, g)
     v_lo = pid_s * v_per_split
     v_hi = tl.minimum(V, v_lo + v_per_split)
     slab_rows = slab_ptr + (pid_s * M + offs_m)[:, None] * H
@@ -286,11 +288,11 @@ def _grad_weight_kernel(h_ptr, w_ptr, ht_ptr, wt_ptr, t_ptr, lse_ptr, lse_t_ptr,
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = offs_m < m_hi
-        tgt = tl.load(t_ptr + offs_m, mask=mask_m, other=-100)
+        tgt = tl.load(t_ptr + offs_m, mask=mask_m, other=_IGNORE)
         lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
         lse_t = tl.load(lse_t_ptr + offs_m, mask=mask_m, other=0.0)
         g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-        g = tl.where(tgt == -100, 0.0, g)
+        g = tl.where(tgt == _IGNORE, 0.0, g)
         d = _grad_logit_tile(h_ptr, w_ptr, ht_ptr, wt_ptr, offs_m, mask_m, offs_v, mask_v, tgt, lse, lse_t, g, H, HT,
                              stride_hm, stride_hh, stride_wv, stride_wh, stride_tm, stride_th, stride_tv, stride_tw,
                              softcap, softcap_t, KL, HAS_SOFTCAP, HAS_SOFTCAP_T, DOT_DTYPE, PRECISION, T_DOT_DTYPE,
