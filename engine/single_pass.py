@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum, my_windows, rank_and_size
 from .errors import DepthcutError
 from .ops import linear_nll, taylor_saliency
 from .models import ModelAdapter, block_input, block_output
@@ -94,6 +95,12 @@ class PassResult:
     angular: dict[int, torch.Tensor] = field(default_factory=dict)  # n -> [L−n+1] summed angles/π
     first_order: torch.Tensor | None = None  # [L] summed ⟨∂L/∂h_{p+1}, h_{p+1} − h_p⟩
 
+    def all_reduce(self) -> None:
+        """Under torchrun: every rank's sums become the sums over all windows."""
+        for t in (self.nll, self.bi, self.first_order, *self.angular.values()):
+            if t is not None:
+                all_reduce_sum(t)
+
 
 class TaylorAccumulator:
     """Σ|W ⊙ ∂L/∂W| per block, with the gradient's sign kept until every token is in.
@@ -105,64 +112,70 @@ class TaylorAccumulator:
       hand has fp32 dW accumulators (one block's weights × 4 bytes), freed when it is done;
     - ``per_chunk``: each chunk's backward runs right after its walk, so every block keeps its
       fp32 accumulators for the whole pass (4 bytes per block weight element).
+    Norms and biases are tiny: their signed gradients are summed in fp32 whatever the mode.
+    Under torchrun the signed sums are all-reduced before the absolute value is taken.
     """
 
     def __init__(self, adapter: ModelAdapter, layer_ids: list[int], backward: str):
+        self.adapter = adapter
         self.backward = backward
         self.scores = torch.zeros(len(layer_ids), dtype=torch.float64)
-        self.linears = {i: [m for m in adapter.layers[i].modules() if isinstance(m, nn.Linear)]
-                        for i in layer_ids}
-        linear_weights = {id(m.weight) for ms in self.linears.values() for m in ms}
-        self.other_params = {i: [p for p in adapter.layers[i].parameters() if id(p) not in linear_weights]
-                             for i in layer_ids}
-        self.grads: dict[nn.Linear, torch.Tensor] = {}
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}  # (block, parameter name) -> signed fp32 gradient sum
         self.pending = dict(enumerate(layer_ids))  # positions whose sums are not yet in ``scores``
         self.accumulator_bytes = accumulator_bytes(adapter, layer_ids, backward)
+
+    def _sum(self, i: int, name: str, like: torch.Tensor) -> torch.Tensor:
+        return self.sums.setdefault((i, name), torch.zeros_like(like, dtype=torch.float32))
 
     @contextmanager
     def recording(self, pos: int, i: int):
         """While block i is recomputed and backpropagated, reduce or accumulate each linear's dW."""
+        layer = self.adapter.layers[i]
+        linears = [(name, m) for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        linear_weights = {f"{name}.weight" for name, _ in linears}
+        others = [(name, p) for name, p in layer.named_parameters() if name not in linear_weights]
 
-        def forward_hook(module, args, out):
-            x = args[0].detach()
+        def hook(name, module):
+            def forward_hook(module, args, out):
+                x = args[0].detach()
 
-            def grad_hook(dy):
-                x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-                if self.backward == "one_gemm":
-                    self.scores[pos] += taylor_saliency(x2, dy2, module.weight.detach()).item()
-                else:
-                    g = self.grads.setdefault(module, torch.zeros_like(module.weight, dtype=torch.float32))
-                    _add_weight_grad(g, dy2, x2)
+                def grad_hook(dy):
+                    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+                    w = module.weight.detach()
+                    if self.backward == "one_gemm":
+                        self.scores[pos] += taylor_saliency(x2, dy2, w).item()
+                    else:
+                        _add_weight_grad(self._sum(i, f"{name}.weight", w), dy2, x2)
 
-            out.register_hook(grad_hook)
+                out.register_hook(grad_hook)
+            return module.register_forward_hook(forward_hook)
 
-        hooks = [m.register_forward_hook(forward_hook) for m in self.linears[i]]
-        for p in self.other_params[i]:
-            p.requires_grad_(True)  # norms and biases: tiny, autograd sums them signed in .grad
+        hooks = [hook(name, m) for name, m in linears]
+        for _, p in others:
+            p.requires_grad_(True)
         try:
             yield
         finally:
             for h in hooks:
                 h.remove()
-            for p in self.other_params[i]:
+            for name, p in others:
+                if p.grad is not None:
+                    self._sum(i, name, p).add_(p.grad.float())
+                    p.grad = None
                 p.requires_grad_(False)
 
     def block_done(self, pos: int) -> None:
         """Every chunk has passed block ``pos``: reduce its sums and free its accumulators
         (per_chunk waits for ``finish``, since later chunks still add to them)."""
-        if self.backward == "per_chunk":
-            return
-        self._reduce(pos)
+        if self.backward != "per_chunk":
+            self._reduce(pos)
 
     def _reduce(self, pos: int) -> None:
         i = self.pending.pop(pos)
-        for p in self.other_params[i]:
-            if p.grad is not None:
-                self.scores[pos] += (p.detach().float() * p.grad.float()).abs().sum().item()
-                p.grad = None
-        for m in self.linears[i]:
-            if m in self.grads:
-                self.scores[pos] += (m.weight.detach().float() * self.grads.pop(m)).abs().sum().item()
+        params = dict(self.adapter.layers[i].named_parameters())
+        for key in sorted(k for k in self.sums if k[0] == i):  # the same order on every rank
+            grad = all_reduce_sum(self.sums.pop(key))
+            self.scores[pos] += (params[key[1]].detach().float() * grad).abs().sum().item()
 
     def finish(self) -> list[float]:
         for pos in list(self.pending):
@@ -264,26 +277,27 @@ class SinglePass:
         for n in self.windows:
             if not 1 <= n <= len(layer_ids):
                 raise DepthcutError(f"angular window {n} must be between 1 and {len(layer_ids)}")
+        result = PassResult(len(layer_ids), count=n_windows * (seq_len - 1), tokens=n_windows * seq_len)
+        processes = rank_and_size()[1]
+        input_ids = input_ids[my_windows(n_windows)]  # torchrun: this rank's share; sums are all-reduced
+        n_windows = len(input_ids)
         want_taylor = "taylor" in self.criteria
         keep_stream = want_taylor or bool(self.windows)
         variants = len(layer_ids) + 1 if "ppl" in self.criteria else 1
         kept = len(layer_ids) + 1 if keep_stream else 0
         plan = make_plan(adapter, n_windows, seq_len, self.dtype, self.device, self.max_memory, kept, variants)
         self.taylor_backward, self.taylor_store = "one_gemm", self.device
-        if want_taylor and plan.windows_per_chunk < n_windows:
+        if want_taylor and (plan.windows_per_chunk < n_windows or processes > 1):  # signed sums needed
             self.taylor_backward, self.taylor_store, reserved = self._taylor_layout(layer_ids, n_windows, seq_len)
             if self.taylor_store != self.device and not self.windows:
                 kept = 0  # only Taylor reads the stream: each boundary goes to host memory as it is made
             plan = make_plan(adapter, n_windows, seq_len, self.dtype, self.device, self.max_memory, kept, variants,
                              reserved)
         calls = BlockCalls(adapter, seq_len, self.device)
-        result = PassResult(len(layer_ids))
         chunks = range(0, n_windows, plan.windows_per_chunk)
-        if len(chunks) == 1:
+        if len(chunks) == 1 and processes == 1:
             self.taylor_backward = "one_gemm"
         taylor = TaylorAccumulator(adapter, layer_ids, self.taylor_backward) if want_taylor else None
-        result.count = n_windows * (seq_len - 1)
-        result.tokens = n_windows * seq_len
         flags = {p: p.requires_grad for p in adapter.model.parameters()}
         for p in flags:
             p.requires_grad_(False)
@@ -311,6 +325,7 @@ class SinglePass:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
         self.plan = plan
+        result.all_reduce()
         self.taylor_scores = taylor.finish() if taylor else None
         self.taylor_accumulator_bytes = taylor.accumulator_bytes if taylor else 0
         return result
@@ -497,6 +512,7 @@ def score_single_pass(model, input_ids: torch.Tensor, criteria: set[str], window
         "taylor_stored_bytes": sp.taylor_stored_bytes,
         "taylor_stored_on": str(sp.taylor_store) if sp.taylor_stored_bytes else None,
         "dtype": str(sp.dtype).replace("torch.", ""),
+        "processes": rank_and_size()[1],
         "block_evaluations": L + L * (L - 1) // 2 if "ppl" in criteria else L,
     }
     return scores, meta
