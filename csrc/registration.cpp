@@ -1,6 +1,6 @@
 // Operator schemas of the depthcut library and the Python module stub.
-// Device kernels register themselves in cpu_ops.cpp, cpu_kl_ops.cpp, cpu_decode.cpp, decode_linear.cpp and
-// cuda_ops.cu.
+// Device kernels register themselves in cpu_ops.cpp, cpu_kl_ops.cpp, cpu_decode.cpp, decode_linear.cpp,
+// cpu_kquants.cpp and cuda_ops.cu.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -48,6 +48,9 @@ TORCH_LIBRARY(depthcut, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor start, Tensor cache_pos, int? window,"
       " float scale, float? softcap=None) -> Tensor");
   m.def("swiglu(Tensor gu, bool gelu=False) -> Tensor");
+  // GGML K-quant super-blocks (qtype q2_k ... q6_k) of fp32 weight [rows, cols], cols a multiple of 256:
+  // uint8 [rows, bytes per row]; importance: fp32 [cols] column weights of the squared error (CPU only).
+  m.def("quantize_kquant(Tensor weight, str qtype, Tensor? importance=None) -> Tensor");
 }
 
 // `import depthcut._C` only has to load the shared object: the ops live in torch.ops.depthcut.

@@ -408,3 +408,34 @@ def _register_fakes() -> None:
 
 if HAS_EXT:
     _register_fakes()
+
+
+# ----------------------------------------------------------------------------- K-quants
+
+
+def quantize_kquant(weight: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [rows, bytes per row]: the GGML K-quant super-blocks of weight [rows, cols].
+
+    Checked and normalised once (depthcut.kquants.prepare), then the compiled CPU op or the
+    numpy reference; both write the same bytes. CPU only, also for CUDA weights: quantising
+    is a one-off export step. See docs/DESIGN.md, "K-quant quantisers".
+    """
+    from . import kquants
+
+    w, colw = kquants.prepare("quantize_kquant", weight, qtype, importance)
+    cpu = torch.device("cpu")
+    if _backend(cpu) == "ext" and _has_ext_op("quantize_kquant", cpu):
+        return torch.ops.depthcut.quantize_kquant(w, qtype, colw)
+    return torch.from_numpy(kquants.reference_blocks(w, qtype, colw))
+
+
+def _register_kquant_fake() -> None:
+    @torch.library.register_fake("depthcut::quantize_kquant")
+    def _(weight, qtype, importance=None):
+        from .kquants import row_bytes
+
+        return weight.new_empty((weight.shape[0], row_bytes(qtype, weight.shape[1])), dtype=torch.uint8)
+
+
+if HAS_EXT and _has_ext_op("quantize_kquant", torch.device("cpu")):
+    _register_kquant_fake()

@@ -222,6 +222,8 @@ def _opcheck_cases():
         ("decode_attention", (torch.randn(2, 4, 8, generator=g), kc, vc, torch.tensor([0, 2]), cache_pos, None, 0.3)),
         ("decode_attention", (torch.randn(2, 4, 8, generator=g), kc, vc, torch.tensor([0, 2]), cache_pos, 3, 0.3, 2.0)),
         ("swiglu", (torch.randn(3, 8, generator=g), True)),
+        ("quantize_kquant", (torch.randn(3, 256, generator=g), "q5_k", torch.rand(256, generator=g))),
+        ("quantize_kquant", (torch.randn(2, 512, generator=g), "q2_k", None)),
     ]
 
 
