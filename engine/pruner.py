@@ -9,6 +9,7 @@ from torch import nn
 
 from .errors import DepthcutError
 from .models import ModelAdapter, drop_quantization_config
+from .offload import save_streamed, stream_of
 from .outputs import atomic_path
 
 
@@ -73,7 +74,10 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict | None = None,
     drop_quantization_config(model)
     out_dir = Path(out_dir)
     with atomic_path(out_dir, is_dir=True, force=force) as tmp:
-        model.save_pretrained(tmp)
+        if stream_of(model) is not None:
+            save_streamed(model, tmp)  # a model larger than memory, tensor by tensor
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if card is not None:

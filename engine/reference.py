@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import window_nll
 from .models import ModelAdapter, block_input, block_output
+from .offload import loaded
 
 
 class _SkippedBlock(nn.Module):
@@ -79,10 +80,14 @@ def taylor_scores(model, input_ids: torch.Tensor, batch_size: int = 10) -> list[
 
 
 def magnitude_scores(model) -> list[float]:
-    """Σ|W| over each block's weight tensors (no data)."""
+    """Σ|W| over each block's weight tensors (no data); a streamed model's blocks one at a time."""
     adapter = ModelAdapter(model)
-    return [sum(p.detach().float().abs().sum().item() for p in adapter.block_parameters(i).values())
-            for i in range(adapter.num_blocks)]
+    n = adapter.num_blocks
+    out = []
+    for i in range(n):
+        with loaded(model, i, i + 1 if i + 1 < n else None):
+            out.append(sum(p.detach().float().abs().sum().item() for p in adapter.block_parameters(i).values()))
+    return out
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """``score``: calibration tokens in, per-block scores out, from the fused or reference scorer."""
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Iterable
 
@@ -10,6 +11,7 @@ from . import reference
 from .calibration import Calibration, as_token_ids
 from .errors import DepthcutError
 from .models import ModelAdapter, compute_dtype
+from .offload import stream_of
 from .scores import ALL_CRITERIA, BlockScores, Protect
 from .single_pass import iterative_ppl, score_single_pass
 
@@ -72,9 +74,15 @@ def score(
     if isinstance(calibration, Calibration):
         meta["calibration"] = calibration.describe()
     data_criteria = {c for c in names if c != "magnitude"}
+    streamed = stream_of(model) is not None
+    if streamed and scorer == "reference" and data_criteria:
+        raise DepthcutError("--scorer reference needs the whole model in memory; a streamed model uses the fused pass")
     if (scorer == "fused" and data_criteria) or iterative:
         first = next(model.parameters())
-        dtype, meta["compute_dtype"] = compute_dtype(first.device, first.dtype, dtype)
+        if streamed and dtype is None:
+            dtype, meta["compute_dtype"] = first.dtype, f"{str(first.dtype)[6:]} (streamed: the dtype it was loaded in)"
+        else:
+            dtype, meta["compute_dtype"] = compute_dtype(first.device, first.dtype, dtype)
     if scorer == "fused" and data_criteria:
         fused, facts = score_single_pass(model, ids, data_criteria, windows, max_memory, dtype, progress,
                                          angular_tokens)
@@ -100,6 +108,7 @@ def score(
     if "ppl" in scores and "taylor_ppl_estimate" in scores:
         meta["taylor_ppl_estimate_spearman"] = spearman(scores["ppl"], scores["taylor_ppl_estimate"])
     meta["seconds"] = time.perf_counter() - t0
+    meta["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's high-water mark
     return BlockScores(scores, adapter.num_blocks, meta)
 
 

@@ -29,10 +29,15 @@ from .distributed import all_reduce_sum, my_windows, rank_and_size
 from .errors import DepthcutError
 from .ops import linear_nll, taylor_saliency
 from .models import ModelAdapter, block_input, block_output
+from .offload import loaded, stream_of
 
 
 class _Stop(Exception):
     """Raised by a hook to end a forward once it has what it came for."""
+
+
+def _pass_through(hidden_states, *args, **kwargs):
+    return hidden_states
 
 
 class BlockCalls:
@@ -54,6 +59,8 @@ class BlockCalls:
             self.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
 
         hooks = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in adapter.layers]
+        for layer in adapter.layers:  # the probe needs the arguments only: blocks pass it through
+            layer.forward = _pass_through
         try:
             with torch.no_grad():
                 adapter.model.model(input_ids=torch.zeros(1, seq_len, dtype=torch.long, device=device),
@@ -61,6 +68,8 @@ class BlockCalls:
         finally:
             for h in hooks:
                 h.remove()
+            for layer in adapter.layers:
+                del layer.forward
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The residual stream entering block 0, however the family embeds and scales tokens."""
@@ -260,6 +269,9 @@ class SinglePass:
             raise DepthcutError(f"unknown Taylor backward {several_chunks_backward!r}")
         self.several_chunks_backward = several_chunks_backward
         if dtype is not None and dtype != next(model.parameters()).dtype:
+            if stream_of(model) is not None:
+                raise DepthcutError(f"a streamed model computes in the dtype it was loaded in "
+                                    f"({next(model.parameters()).dtype}); load it in {dtype}")
             model = copy.deepcopy(model).to(dtype)
         self.adapter = ModelAdapter(model)
         self.criteria = criteria
@@ -343,8 +355,9 @@ class SinglePass:
         one = accumulator_bytes(self.adapter, layer_ids, "per_block")
         every = accumulator_bytes(self.adapter, layer_ids, "per_chunk")
         backward = self.several_chunks_backward
-        if backward is None:
-            backward = "per_block" if self.device.type == "cuda" or stored + one < every else "per_chunk"
+        if backward is None:  # a streamed model has one block at a time: per_block only
+            backward = "per_block" if (self.device.type == "cuda" or stored + one < every
+                                       or stream_of(self.adapter.model) is not None) else "per_chunk"
         if backward == "per_chunk":
             return backward, self.device, every
         if self.device.type == "cuda" and stored + one > (self.max_memory or default_budget(self.device)) // 2:
@@ -375,10 +388,11 @@ class SinglePass:
             group = plan.variant_batch
             if not plan.fixed_shapes:
                 group = math.ceil(live / math.ceil(live / group))  # fewest calls, sizes as even as that allows
-            for s in range(0, live, group):
-                e = s + group if plan.fixed_shapes else min(s + group, live)
-                out = calls(i, buf[s:e].view(-1, t, buf.shape[-1])).view(e - s, n, t, -1)
-                buf[s:min(e, live)] = out[:min(e, live) - s]
+            with loaded(self.adapter.model, i, layer_ids[pos + 1] if pos + 1 < L else None):
+                for s in range(0, live, group):
+                    e = s + group if plan.fixed_shapes else min(s + group, live)
+                    out = calls(i, buf[s:e].view(-1, t, buf.shape[-1])).view(e - s, n, t, -1)
+                    buf[s:min(e, live)] = out[:min(e, live) - s]
             cos_sum[pos] = _cos(h_in, buf[0]).sum()
             if stream is not None:
                 stream.append(_copy_to(buf[0], keep, clone=True))
@@ -427,17 +441,23 @@ class SinglePass:
         first_order = torch.zeros(len(layer_ids), dtype=torch.float64)
         with torch.enable_grad():
             for pos in reversed(range(len(layer_ids))):
-                for chunk in chunks:
-                    h_out = chunk.stream.pop().to(self.device, non_blocking=True)  # h_{pos+1}: its last use
-                    grad, h_in = (t.to(self.device, non_blocking=True) for t in (chunk.grad, chunk.stream[pos]))
-                    first_order[pos] += (grad.float() * (h_out - h_in).float()).sum().item()
-                    x = h_in.detach().requires_grad_(True)
-                    with taylor.recording(pos, layer_ids[pos]):
-                        calls(layer_ids[pos], x).backward(grad)
-                    chunk.grad = x.grad if chunk.grad.device == x.device else chunk.grad.copy_(x.grad, non_blocking=True)
-                    bar.update()
-                taylor.block_done(pos)
+                with loaded(self.adapter.model, layer_ids[pos], layer_ids[pos - 1] if pos else None):
+                    self._backward_block(calls, chunks, pos, layer_ids[pos], taylor, first_order, bar)
         return first_order
+
+    def _backward_block(self, calls, chunks: list[_ChunkGrad], pos: int, i: int, taylor: TaylorAccumulator,
+                        first_order: torch.Tensor, bar) -> None:
+        """Every chunk through block i's backward, then block i's Taylor sums are complete."""
+        for chunk in chunks:
+            h_out = chunk.stream.pop().to(self.device, non_blocking=True)  # h_{pos+1}: its last use
+            grad, h_in = (t.to(self.device, non_blocking=True) for t in (chunk.grad, chunk.stream[pos]))
+            first_order[pos] += (grad.float() * (h_out - h_in).float()).sum().item()
+            x = h_in.detach().requires_grad_(True)
+            with taylor.recording(pos, i):
+                calls(i, x).backward(grad)
+            chunk.grad = x.grad if chunk.grad.device == x.device else chunk.grad.copy_(x.grad, non_blocking=True)
+            bar.update()
+        taylor.block_done(pos)
 
 
 @dataclass

@@ -1,0 +1,308 @@
+"""Models larger than memory (docs/DESIGN.md, "Models larger than memory").
+
+The single pass needs one block's weights at a time. A streamed model keeps its embedding,
+final norm and head resident and its blocks on the ``meta`` device; :class:`BlockStream`
+puts block i's weights in place just before the walk (or the Taylor backward) runs it and
+releases them after, while a background thread already reads the next block. The weights
+come from the checkpoint's memory-mapped safetensors files (``disk``) or from host memory
+when the computation runs on a GPU (``cpu``). The arithmetic is the in-memory walk's.
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DepthcutError
+
+OFFLOAD = ("cpu", "disk")
+LAYERS = "model.layers."
+
+
+class BlockStream:
+    """Loads block weights on demand; ``sources[i]()`` returns block i's tensors by parameter name."""
+
+    def __init__(self, layers: nn.ModuleList, sources: dict[int, Callable[[], dict[str, torch.Tensor]]],
+                 device: torch.device, dtype: torch.dtype):
+        self.layers = layers
+        self.sources = sources
+        self.device = device
+        self.dtype = dtype
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="depthcut-prefetch")
+        self.ahead: dict[int, Future] = {}
+        self.checked: set[int] = set()
+        self.copies = torch.cuda.Stream(device) if device.type == "cuda" else None  # loads beside the compute
+
+    def block_bytes(self, i: int) -> int:
+        return sum(t.numel() for t in self.layers[i].parameters()) * torch.finfo(self.dtype).bits // 8
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's tensors on the device, in the pass's dtype (runs in the prefetch thread)."""
+        if self.copies is None:
+            return {name: t.to(self.dtype) for name, t in self.sources[i]().items()}
+        with torch.cuda.stream(self.copies):
+            out = {name: t.to(self.device, self.dtype, non_blocking=True) for name, t in self.sources[i]().items()}
+        self.copies.synchronize()  # complete before the compute stream reads them
+        return out
+
+    def prefetch(self, i: int | None) -> None:
+        if i is not None and i not in self.ahead:
+            self.ahead[i] = self.reader.submit(self._read, i)
+
+    @contextmanager
+    def loaded(self, i: int, next_i: int | None = None):
+        """Block i's weights in place for the duration; block ``next_i`` is read meanwhile."""
+        self.prefetch(i)
+        tensors = self.ahead.pop(i).result()
+        if i not in self.checked:
+            for name, t in tensors.items():
+                if not torch.isfinite(t).all():
+                    raise DepthcutError(f"model has NaN or infinite values in {LAYERS}{i}.{name}")
+            self.checked.add(i)
+        if self.copies is not None:  # freed after the compute stream's last use, not the copy stream's
+            for t in tensors.values():
+                t.record_stream(torch.cuda.current_stream(self.device))
+        layer = self.layers[i]
+        layer.load_state_dict(tensors, strict=True, assign=True)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        del tensors
+        self.prefetch(next_i)
+        try:
+            yield layer
+        finally:
+            layer.to("meta")
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True)
+        self.ahead.clear()
+
+
+def stream_of(model) -> BlockStream | None:
+    return getattr(model, "depthcut_stream", None)
+
+
+def loaded(model, i: int, next_i: int | None = None):
+    """Block i of ``model`` ready to run: a no-op for a model held whole in memory."""
+    stream = stream_of(model)
+    return stream.loaded(i, next_i) if stream is not None else nullcontext(model.model.layers[i])
+
+
+def _safetensors_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the file that holds it, from the shard index or the single file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DepthcutError(f"unreadable shard index {index}: {e}") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise DepthcutError(f"--offload disk needs a safetensors checkpoint; none in {folder}")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+class _BlockReader:
+    """Reads one block's tensors from its safetensors files. Each file is mapped only while it is
+    read: pages of a mapping count as the process's resident memory for as long as it lasts."""
+
+    def __init__(self):
+        self.where: dict[Path, list[tuple[str, str]]] = {}  # file -> (tensor name, parameter name)
+
+    def add(self, path: Path, name: str, param: str) -> None:
+        self.where.setdefault(path, []).append((name, param))
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        out = {}
+        for path, names in self.where.items():
+            with safe_open(path, framework="pt") as f:
+                out.update({param: f.get_tensor(name) for name, param in names})
+        return out
+
+
+def load_streamed(spec: str, offload: str, dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None):
+    """(model, tokenizer) with resident embedding, final norm and head, and blocks streamed
+    from ``offload`` (disk: the folder's safetensors; cpu: host memory, for a GPU pass)."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .models import (_first_line, _resolve, check_architecture, check_family, check_loading_info,
+                         check_vocabulary, default_device, default_dtype, load_model)
+
+    if offload not in OFFLOAD:
+        raise DepthcutError(f"unknown --offload {offload!r}; choose from {', '.join(OFFLOAD)}")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if offload == "cpu":
+        if device.type != "cuda":
+            raise DepthcutError("--offload cpu keeps the blocks in host memory for a GPU pass; on a CPU use "
+                                "--offload disk")
+        model, tokenizer = load_model(spec, dtype=dtype, device="cpu")
+        pinned = [{name: p.detach().pin_memory() for name, p in layer.named_parameters()}
+                  for layer in model.model.layers]
+        sources = {i: (lambda block=block: block) for i, block in enumerate(pinned)}
+        model.model.layers.to("meta")  # the pinned copies are the host store
+        _move_resident(model, device)
+        model.depthcut_stream = BlockStream(model.model.layers, sources, device, dtype)
+        return model, tokenizer
+
+    where, gguf_file = _resolve(spec)
+    if gguf_file or not Path(where).is_dir():
+        raise DepthcutError("--offload disk streams a Hugging Face folder with safetensors files; "
+                            f"'{spec}' is not one (convert it with depthcut prune/save first)")
+    check_architecture(where)
+    folder = Path(where)
+    files = _safetensors_files(folder)
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=False)
+        check_family(config)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+    except DepthcutError:
+        raise
+    except Exception as e:  # transformers raises many types for unreadable models
+        raise DepthcutError(f"cannot load model '{spec}': {_first_line(e)}") from e
+    expected = dict(model.state_dict())
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in expected if k not in files and not (tied and k == "lm_head.weight")]
+    mismatched, resident = [], {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if name in expected and list(f.get_slice(name).get_shape()) != list(expected[name].shape):
+                    mismatched.append((name, list(f.get_slice(name).get_shape()), list(expected[name].shape)))
+                elif name in expected and not name.startswith(LAYERS):
+                    resident[name] = f.get_tensor(name).to(dtype)
+    check_loading_info({"missing_keys": missing, "unexpected_keys": [k for k in files if k not in expected],
+                        "mismatched_keys": mismatched}, spec)
+    for name, t in resident.items():
+        if not torch.isfinite(t).all():
+            raise DepthcutError(f"model has NaN or infinite values in {name}")
+    model.load_state_dict(resident, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    check_vocabulary(model, tokenizer, spec)
+    _move_resident(model, device)
+    sources = {i: _BlockReader() for i in range(config.num_hidden_layers)}
+    for name, path in files.items():
+        if name.startswith(LAYERS):
+            block, param = name[len(LAYERS):].split(".", 1)
+            sources[int(block)].add(path, name, param)
+    model.depthcut_stream = BlockStream(model.model.layers, sources, device, dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _move_resident(model, device: torch.device) -> None:
+    """Everything but the blocks' weights to ``device``; buffers (rotary tables) too."""
+    for name, module in model.named_children():
+        if name != "model":
+            module.to(device)
+    for name, module in model.model.named_children():
+        if name != "layers":
+            module.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def memory_plan(model, variant_bytes: int) -> dict[str, int]:
+    """What a streamed pass holds: the resident part, two blocks (the running one and the next
+    being read) and the variant stack."""
+    stream = stream_of(model)
+    resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    two_blocks = 2 * max(stream.block_bytes(i) for i in range(len(stream.layers)))
+    return {"resident": resident, "two_blocks": two_blocks, "variant_stack": variant_bytes,
+            "total": resident + two_blocks + variant_bytes}
+
+
+SHARD_BYTES = 256 << 20  # a shard is built in memory: small shards keep saving at a few tensors
+
+
+def save_streamed(model, folder: Path, shard_bytes: int | None = None) -> None:
+    """``save_pretrained`` for a streamed model (pruned or not), without holding it whole:
+    resident tensors from memory, each kept block's from its source, renumbered to the block's
+    place now; shards of at most ``shard_bytes`` (or one block) and the usual shard index."""
+    from safetensors.torch import save_file
+
+    shard_bytes = shard_bytes or SHARD_BYTES
+    stream = stream_of(model)
+    origin = {id(layer): i for i, layer in enumerate(stream.layers)}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    items = [(t.numel() * t.element_size(), lambda name=name, t=t: {name: t})
+             for name, t in model.state_dict().items()
+             if not name.startswith(LAYERS) and not (tied and name == "lm_head.weight")]
+    for j, layer in enumerate(model.model.layers):  # one item per block: its tensors are read together
+        i = origin[id(layer)]
+
+        def read(i=i, j=j):
+            return {f"{LAYERS}{j}.{param}": t.to(stream.dtype) for param, t in stream.sources[i]().items()}
+
+        items.append((stream.block_bytes(i), read))
+    shards, size = [[]], 0
+    for nbytes, read in items:
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(read)
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    weight_map = {}
+    for file, shard in zip(names, shards):
+        tensors = {name: t.contiguous() for read in shard for name, t in read().items()}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in tensors})
+        del tensors
+    if len(shards) > 1:
+        total = sum(nbytes for nbytes, _ in items)
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def check_streaming_fits(model, seq_len: int, criteria: set[str]) -> str:
+    """The memory model of a streamed pass for one window per chunk; refuses in one line when
+    even that exceeds the free memory. Returns the summary printed before the run."""
+    stream = stream_of(model)
+    config = model.config
+    L = config.num_hidden_layers
+    streams = (L + 1 if "ppl" in criteria else 1) + (L + 1 if criteria & {"taylor", "angular"} else 0)
+    plan = memory_plan(model, streams * seq_len * config.hidden_size * torch.finfo(stream.dtype).bits // 8)
+    if stream.device.type == "cuda":
+        free = torch.cuda.mem_get_info(stream.device)[0]
+    else:
+        free = _mem_available()
+    need = plan["two_blocks"] + plan["variant_stack"]
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    summary = (f"streaming {L} blocks: resident {gib(plan['resident'])} + two blocks {gib(plan['two_blocks'])} + "
+               f"one window's streams {gib(plan['variant_stack'])} = {gib(plan['total'])} at least "
+               f"(--max-memory bounds the rest)")
+    if free is not None and need > free:
+        raise DepthcutError(f"streaming needs {gib(need)} beyond the resident weights but only {gib(free)} is free")
+    return summary
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
