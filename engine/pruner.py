@@ -97,6 +97,7 @@ def model_card(card: dict) -> str:
         return "\n".join([f"# {card.get('name', 'retrained model')}", "",
                           f"Retrained with depthcut from `{card.get('source', '?')}`."]
                          + _retraining_lines(card.get("retraining"))
+                         + _zero_shot_lines(card.get("zero_shot"))
                          + _LOADS)
     lines = [
         f"# {card.get('name', 'depth-pruned model')}",
@@ -118,8 +119,22 @@ def model_card(card: dict) -> str:
         lines.append(f"- perplexity ({ppl.get('text', 'held-apart text')}): dense {ppl['dense']:.2f}, "
                      f"pruned {ppl['pruned']:.2f}")
     lines += _retraining_lines(card.get("retraining"))
+    lines += _zero_shot_lines(card.get("zero_shot"))
     lines += _LOADS
     return "\n".join(lines)
+
+
+def _zero_shot_lines(z: dict | None) -> list[str]:
+    """The before/after zero-shot table (lm-evaluation-harness), in Markdown."""
+    if not z:
+        return []
+    from .zero_shot import table
+
+    header, cells = table(z["models"])
+    limit = f", first {z['limit']} documents per task" if z.get("limit") else ""
+    return (["", "## Zero-shot accuracy", "", f"{z['harness']}, {z['num_fewshot']}-shot{limit}:", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+            + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 def _retraining_lines(r: dict | None) -> list[str]:
