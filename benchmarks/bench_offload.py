@@ -20,9 +20,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 from bench_scoring import PeakMemory  # noqa: E402
+from tiny_models import save_word_tokenizer  # noqa: E402
 
 import depthcut  # noqa: E402
 from depthcut.offload import load_streamed  # noqa: E402
@@ -48,7 +50,7 @@ def main(argv=None):
         model.save_pretrained(folder)
         ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len),
                             generator=torch.Generator().manual_seed(1234))
-        _save_stub_tokenizer(folder, model.config.vocab_size)
+        save_word_tokenizer(folder, model.config.vocab_size)  # load_streamed reads one
         whole = model.to(device)
         streamed, _ = load_streamed(folder, offload, dtype=dtype, device=device)
         weights = sum(p.numel() * p.element_size() for p in whole.parameters())
@@ -86,15 +88,6 @@ def main(argv=None):
            "ratio": ratio, "peak_extra_bytes": peaks, "identical_scores": same, "weights_bytes": weights}
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")
-
-
-def _save_stub_tokenizer(folder: str, vocab: int) -> None:
-    """load_streamed reads a tokenizer: a word-level one over the model's vocabulary suffices here."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from .distributed import close as close_process_group, is_main  # noqa: E402
 from .errors import DepthcutError  # noqa: E402
 
 # One dtype vocabulary for every flag; "auto" is the device default when loading, the
@@ -120,6 +121,9 @@ def _add_scoring(p):
                    help="angular distance over every token, or PruneMe's last token of each window (with the "
                         "final norm on the last block's output)")
     g.add_argument("--max-memory", type=_size, default=None, help="memory budget of the pass, e.g. 8GiB")
+    g.add_argument("--offload", choices=("cpu", "disk"),
+                   help="stream each block's weights in just before it runs: from the folder's safetensors (disk) "
+                        "or from host memory for a GPU pass (cpu); for models larger than memory")
     g.add_argument("--keep-first", type=_non_negative_int, default=4, help="'+' heuristic: first blocks never pruned")
     g.add_argument("--keep-last", type=_non_negative_int, default=2, help="'+' heuristic: last blocks never pruned")
     g.add_argument("--no-protect", action="store_true", help="switch the '+' heuristic off")
@@ -133,6 +137,7 @@ def torch_oom() -> type:
 
 def build_parser() -> argparse.ArgumentParser:
     from .retrain import METHODS
+    from .zero_shot import PAPER_TASKS
 
     parser = argparse.ArgumentParser(prog="depthcut", description="Depth pruning of decoder LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", help="reuse a scores JSON instead of scoring")
     p.add_argument("--eval", action="store_true", help="report dense and pruned perplexity on held-apart windows")
     p.add_argument("--eval-windows", type=_positive_int, default=40)
+    _add_eval_tasks(p)
     p.add_argument("--out", required=True, help="output folder")
     _add_gguf(p, required=False)
     p.add_argument("--retrain", choices=METHODS, help="retrain the cut model before saving (lora or full)")
@@ -172,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="lora", help="lora (merged at the end) or full (CPT)")
     _add_training(p, prefix="")
     p.add_argument("--out", required=True, help="output folder (a plain transformers model)")
+    _add_eval_tasks(p)
     _add_gguf(p, required=False)
     _add_force(p)
     p.set_defaults(func=cmd_retrain)
@@ -182,12 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("eval", help="perplexity by the paper's protocol")
+    p = sub.add_parser("imatrix", help="importance matrix (mean x^2 per input channel) for K-quant GGUF exports "
+                                       "and llama-quantize --imatrix")
     _add_model(p)
-    p.add_argument("--text", help="text or jsonl file (default: CPython's pydoc_data.topics)")
-    p.add_argument("--seq-len", type=_window, default=128)
+    _add_calibration(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="llama.cpp's GGUF imatrix format (.dat: legacy)")
+    _add_force(p)
+    p.set_defaults(func=cmd_imatrix)
+
+    p = sub.add_parser("eval", help="perplexity by the paper's protocol; zero-shot accuracy with --tasks")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="HF folders, hub names or .gguf files, a table row each "
+                        "(default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype when loading")
+    p.add_argument("--text", help="text or jsonl file (default: CPython's pydoc_data.topics); without --tasks/--ppl")
+    p.add_argument("--seq-len", type=_window, default=128, help="tokens per perplexity window")
     p.add_argument("--max-windows", type=_non_negative_int, default=0,
                    help="evaluate only the first N windows (0 = all)")
+    p.add_argument("--tasks", help="lm-eval tasks, comma-separated; 'paper': " + ",".join(PAPER_TASKS))
+    p.add_argument("--ppl", help="perplexity corpora, comma-separated: wikitext2, ptb or .txt/.jsonl files")
+    p.add_argument("--limit", type=_positive_int, help="at most N documents per task")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="requests per forward")
+    p.add_argument("--num-fewshot", type=_non_negative_int, default=0)
+    p.add_argument("--include-path", metavar="FOLDER", help="folder of local lm-eval task definitions (YAML)")
+    p.add_argument("--out", default="eval.json", help="with --tasks/--ppl: JSON out; the PNG chart goes beside it")
+    _add_force(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text; prints prefill time and decode tokens/s")
@@ -328,18 +354,32 @@ def _add_gguf(p, required: bool):
     from .export_gguf import QTYPES
 
     p.add_argument("--gguf", required=required, metavar="OUT.gguf", help="also write a GGUF file")
-    p.add_argument("--type", default="f16", choices=sorted(QTYPES), help="GGUF tensor type")
+    p.add_argument("--type", default="f16", choices=QTYPES, help="GGUF tensor type, or a K-quant mix (q4_k_m ...)")
+    p.add_argument("--imatrix", metavar="FILE", type=_existing_file, help="importance matrix (depthcut imatrix or "
+                                                                         "llama.cpp's) weighting the quantisation error")
 
 
-def _export(args, model, tokenizer):
-    from .export_gguf import export_gguf
+def _existing_file(text: str) -> str:
+    """Checked when parsing, so that a mistyped path fails before the model loads."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+def _export(args, model, tokenizer, imatrix=None):
+    from collections import Counter
+
+    from .export_gguf import export_gguf, tensor_types
     from .gguf_tokenizer import gguf_tokenizer_pre
     from .models import default_model_path
 
     source = str(args.model) if args.model else str(default_model_path())
     pre = gguf_tokenizer_pre(source) if source.endswith(".gguf") else None
-    path = export_gguf(model, tokenizer, args.gguf, args.type, tokenizer_pre=pre, force=args.force)
-    print(f"wrote {path} ({args.type}, {path.stat().st_size / 2**20:.1f} MiB)")
+    path = export_gguf(model, tokenizer, args.gguf, args.type, tokenizer_pre=pre, force=args.force,
+                       imatrix=imatrix if imatrix is not None else args.imatrix)
+    counts = Counter(tensor_types(path).values())
+    print(f"wrote {path} ({args.type}, {path.stat().st_size / 2**20:.1f} MiB; tensors: "
+          f"{', '.join(f'{n} {t.lower()}' for t, n in counts.most_common())})")
 
 
 def _protect(args):
@@ -358,22 +398,50 @@ def _load(args):
     from .models import load_model
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=_dtype(args.dtype))
+    if getattr(args, "offload", None):
+        from .models import compute_dtype, default_device, default_dtype
+        from .offload import load_streamed
+
+        device = default_device()  # a streamed model is loaded in the pass's dtype: no converted copy
+        dtype = _dtype(args.dtype) or compute_dtype(device, default_dtype(device), _dtype(args.compute_dtype))[0]
+        model, tokenizer = load_streamed(args.model, args.offload, dtype=dtype, device=device)
+    else:
+        model, tokenizer = load_model(args.model, dtype=_dtype(args.dtype))
     print(f"loaded {model.config.model_type} with {model.config.num_hidden_layers} blocks "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return model, tokenizer
 
 
 def _score(args, model, calibration, criteria, iterative=0):
-    from .scoring import score
+    from .scoring import parse_criteria, score
 
+    if args.offload:
+        from .offload import check_streaming_fits
+
+        wanted = set(parse_criteria(criteria)) | ({"ppl"} if iterative else set())
+        print(check_streaming_fits(model, args.seq_len, wanted), file=sys.stderr)
     n = model.config.num_hidden_layers
     if not _protect(args).allowed(n):
         raise DepthcutError(f"--keep-first {args.keep_first} and --keep-last {args.keep_last} protect all {n} blocks; "
                             "nothing could be pruned")
     return score(model, calibration, criteria, scorer=args.scorer, windows=args.window, iterative=iterative,
                  protect=_protect(args), max_memory=args.max_memory, dtype=_dtype(args.compute_dtype),
-                 angular_tokens=args.angular_tokens)
+                 angular_tokens=args.angular_tokens, progress=is_main())
+
+
+def _join_ranks(args) -> None:
+    """Under torchrun, scoring splits the calibration windows over the processes
+    (docs/DESIGN.md, "Several processes and nodes"); what follows scoring runs on rank 0."""
+    from .distributed import init, launched
+    from .models import default_device
+
+    if not launched():
+        return
+    if args.scorer == "reference":
+        raise DepthcutError("--scorer reference runs in one process; under torchrun use the fused scorer")
+    if getattr(args, "retrain", None):
+        raise DepthcutError("prune --retrain under torchrun: prune first, then run depthcut retrain on the folder")
+    init(default_device())
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -404,9 +472,12 @@ def cmd_score(args):
                             f"and {out})")
     _check_outputs(args, files=[out, out.with_suffix(".png")], inputs=[args.model, args.calib])
     _check_precision(args)
+    _join_ranks(args)
     model, tokenizer = _load(args)
     calibration = _calibration(args, tokenizer)
     scores = _score(args, model, calibration, args.criteria, args.iterative)
+    if not is_main():
+        return  # under torchrun every rank scored its share; rank 0 writes
     protect = _protect(args)
     scores.save_json(out, protect, force=args.force)
     scores.plot(out.with_suffix(".png"), protect, force=args.force)
@@ -425,11 +496,17 @@ def cmd_score(args):
 
 def cmd_prune(args):
     from .evaluate import perplexity
+    from .gguf_mixes import K_MIXES
     from .pruner import blocks_for_ratio, check_ratio, prune_blocks, save_model
     from .scores import BlockScores, window_width
 
     if args.ratio is not None:
         check_ratio(args.ratio)  # before the slow load
+    if args.offload:
+        given = [flag for flag, on in (("--eval", args.eval), ("--eval-tasks", args.eval_tasks),
+                                       ("--retrain", args.retrain), ("--gguf", args.gguf)) if on]
+        if given:
+            raise DepthcutError(f"{', '.join(given)} need the model in memory; with --offload, prune and save first")
     t = _training_args(args, "retrain-")
     plan = _training_plan(t, args.retrain) if args.retrain else None
     if not args.retrain:
@@ -438,8 +515,10 @@ def cmd_prune(args):
         if stray:
             raise DepthcutError(f"{', '.join(stray)} given without --retrain lora|full")
     _check_outputs(args, folders=[args.out, _run_dir(args.out) if args.retrain else None], files=[args.gguf],
-                   inputs=[args.model, args.calib, args.scores, *t["data"]])
+                   inputs=[args.model, args.calib, args.scores, args.imatrix, *t["data"]])
     _check_precision(args, t["loss"] if args.retrain else None)
+    tasks = _load_eval_tasks(args.eval_tasks, args.eval_include_path)  # an unavailable task fails before the load
+    _join_ranks(args)
     model, tokenizer = _load(args)
     n = model.config.num_hidden_layers
     protect = _protect(args)
@@ -462,13 +541,27 @@ def cmd_prune(args):
                 args.window = [window_width(criterion)]
             scores = _score(args, model, calibration, [base], iterative)
         blocks = scores.select(criterion, count, protect)
+    if not is_main():
+        return  # under torchrun every rank scored its share; rank 0 cuts, evaluates and writes
     heldout = None
     dense_ppl = None
     if args.eval:
         calibration = calibration or _calibration(args, tokenizer)
         heldout = calibration.heldout_ids[: args.eval_windows]
         dense_ppl = perplexity(model, heldout, progress="dense perplexity")
+    dense_zero_shot = _zero_shot(tasks, model, tokenizer, args.eval_limit, args.eval_batch_size)
     teacher = copy.deepcopy(model) if args.retrain and t["distill_weight"] > 0 else None
+    imatrix = None  # the dense model's importance, renumbered for the pruned one
+    if args.gguf and args.imatrix:
+        from .imatrix import Imatrix
+
+        imatrix = Imatrix.load(args.imatrix).for_pruned(blocks)
+    elif args.gguf and args.type in K_MIXES:
+        from .imatrix import collect_imatrix
+
+        # IMATRIX-FROM-PASS: until the scoring pass collects it, one extra forward on the calibration
+        calibration = calibration or _calibration(args, tokenizer)
+        imatrix = collect_imatrix(model, calibration.input_ids, dataset=calibration.source).for_pruned(blocks)
     prune_blocks(model, blocks)
     card = {"name": f"{Path(args.out).name}", "source": args.model or "SmolLM2-135M-Instruct (bundled)",
             "num_blocks": n, "removed": blocks, "criterion": criterion,
@@ -491,11 +584,14 @@ def cmd_prune(args):
         card["retraining"] = result.summary
         rows += [[f"{row[0]} (retraining windows)", row[1], row[2]] for row in _report_retraining(result)]
         extra = lambda d: write_outputs(result, d)  # noqa: E731
+    if tasks:
+        label = "pruned" + (f"+{args.retrain}" if args.retrain else "")
+        card["zero_shot"] = _before_after(args, tasks, ("dense", label), dense_zero_shot, model, tokenizer)
     save_model(model, tokenizer, args.out, card, extra=extra, force=args.force)
     print(_table(rows, ["", "dense", "pruned"]))
     print(f"removed blocks {blocks} by {criterion}; saved to {args.out}")
     if args.gguf:
-        _export(args, model, tokenizer)
+        _export(args, model, tokenizer, imatrix)
 
 
 def _training_plan(t: dict, method: str):
@@ -563,8 +659,9 @@ def cmd_retrain(args):
     if args.distill_weight > 0 and not args.teacher:
         raise DepthcutError("--distill-weight needs a teacher: --teacher DENSE_MODEL")
     _check_outputs(args, folders=[args.out, _run_dir(args.out)], files=[args.gguf],
-                   inputs=[args.model, args.teacher, *args.data])
+                   inputs=[args.model, args.teacher, args.imatrix, *args.data])
     _check_precision(args, args.loss)
+    tasks = _load_eval_tasks(args.eval_tasks, args.eval_include_path)
     model, tokenizer = _load(args)
     teacher = None
     if args.teacher:
@@ -572,11 +669,14 @@ def cmd_retrain(args):
                                     device=next(model.parameters()).device)
         if t_tok.get_vocab() != tokenizer.get_vocab():
             raise DepthcutError(f"the teacher's tokenizer differs from the student's: {args.teacher}")
+    before = _zero_shot(tasks, model, tokenizer, args.eval_limit, args.eval_batch_size)
     result = _retrain(args, _training_args(args, ""), plan, model, tokenizer, teacher)
     if not result.main_process:
         return
     card = _source_card(args.model)
     card.update(name=Path(args.out).name, retraining=result.summary)
+    if tasks:
+        card["zero_shot"] = _before_after(args, tasks, ("before", "after"), before, result.model, tokenizer)
     save_model(result.model, tokenizer, args.out, card, extra=lambda d: write_outputs(result, d), force=args.force)
     print(_table(_report_retraining(result), ["", "before", "after"]))
     print(f"saved to {args.out} (train_log.jsonl, loss.png, model card)")
@@ -596,15 +696,35 @@ def _source_card(model_spec) -> dict:
 
 
 def cmd_export(args):
-    _check_outputs(args, files=[args.gguf], inputs=[args.model])
+    _check_outputs(args, files=[args.gguf], inputs=[args.model, args.imatrix])
     model, tokenizer = _load(args)
     _export(args, model, tokenizer)
 
 
+def cmd_imatrix(args):
+    from .gguf_tokenizer import require_gguf
+    from .imatrix import collect_imatrix
+
+    require_gguf()
+    _check_outputs(args, files=[args.out], inputs=[args.model, args.calib])
+    model, tokenizer = _load(args)
+    calibration = _calibration(args, tokenizer)
+    t0 = time.perf_counter()
+    imatrix = collect_imatrix(model, calibration.input_ids, dataset=calibration.source)
+    imatrix.save(args.out, force=args.force)
+    print(f"wrote {args.out}: Σx² of {len(imatrix.sums)} linear layers over {calibration.num_tokens} tokens "
+          f"({calibration.source}) in {time.perf_counter() - t0:.1f} s")
+
+
 def cmd_eval(args):
+    if args.tasks or args.ppl:
+        return _eval_table(args)
+    if len(args.models) > 1:
+        raise DepthcutError("several models are compared with --tasks and/or --ppl")
     from .calibration import default_text, read_text, tokenize_windows
     from .evaluate import perplexity
 
+    args.model = args.models[0] if args.models else None
     text = read_text(args.text) if args.text else default_text()  # a bad file fails before the slow load
     model, tokenizer = _load(args)
     windows = tokenize_windows(text, tokenizer, args.seq_len)
@@ -616,6 +736,77 @@ def cmd_eval(args):
     ppl = perplexity(model, windows, progress="perplexity")
     print(json.dumps({"perplexity": ppl, "windows": len(windows), "seq_len": args.seq_len,
                       "seconds": round(time.perf_counter() - t0, 2)}))
+
+
+def _eval_table(args):
+    """Zero-shot accuracy and perplexity of every model, as the paper's table, JSON and chart."""
+    from .zero_shot import corpus_perplexity, corpus_text, parse_list, save, summary
+
+    if args.text:
+        raise DepthcutError("--text is the plain perplexity run; with --tasks give text files to --ppl")
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        raise DepthcutError(f"--out names the JSON; the chart goes beside it ({out.with_suffix('.json')} and {out})")
+    _check_outputs(args, files=[out, out.with_suffix(".png")], inputs=args.models)
+    # data first: an unavailable task or corpus is one line before any model loads
+    tasks = _load_eval_tasks(args.tasks, args.include_path)
+    corpora = [corpus_text(name) for name in parse_list(args.ppl)] if args.ppl else []
+    rows = []
+    for spec in args.models or [None]:
+        args.model = spec
+        model, tokenizer = _load(args)
+        results = _zero_shot(tasks, model, tokenizer, args.limit, args.batch_size, args.num_fewshot)
+        for label, text in corpora:
+            results[label] = corpus_perplexity(model, tokenizer, text, label, args.seq_len, args.max_windows)
+        rows.append({"name": Path(spec).name if spec else "SmolLM2-135M-Instruct", "source": spec or "bundled",
+                     "results": results})
+        del model
+    _print_zero_shot(rows)
+    data = summary(rows, tasks=tasks[0] if tasks else [], num_fewshot=args.num_fewshot, limit=args.limit,
+                   ppl_seq_len=args.seq_len)
+    json_path, png = save(out, data, force=args.force)
+    print(f"wrote {json_path} and {png}")
+
+
+def _load_eval_tasks(text, include_path):
+    """(task names, lm-eval task manager), or None without tasks."""
+    if not text:
+        return None
+    from .zero_shot import PAPER_TASKS, load_tasks, parse_list
+
+    names = parse_list(text, PAPER_TASKS)
+    return names, load_tasks(names, include_path)
+
+
+def _zero_shot(tasks, model, tokenizer, limit, batch_size, num_fewshot=0) -> dict:
+    from .zero_shot import run_tasks
+
+    return run_tasks(model, tokenizer, tasks[0], tasks[1], limit, batch_size, num_fewshot) if tasks else {}
+
+
+def _print_zero_shot(rows: list[dict]) -> None:
+    from .zero_shot import table
+
+    header, cells = table(rows)
+    print(_table(cells, header))
+
+
+def _add_eval_tasks(p):
+    g = p.add_argument_group("zero-shot accuracy before and after (lm-evaluation-harness)")
+    g.add_argument("--eval-tasks", metavar="LIST", help="lm-eval tasks, comma-separated, or 'paper'")
+    g.add_argument("--eval-limit", type=_positive_int, help="at most N documents per task")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=8, help="requests per forward")
+    g.add_argument("--eval-include-path", metavar="FOLDER", help="folder of local lm-eval task definitions (YAML)")
+
+
+def _before_after(args, tasks, labels, before, model, tokenizer) -> dict:
+    """Print the before/after zero-shot table; return the model card's entry."""
+    from .zero_shot import summary
+
+    after = _zero_shot(tasks, model, tokenizer, args.eval_limit, args.eval_batch_size)
+    rows = [{"name": labels[0], "results": before}, {"name": labels[1], "results": after}]
+    _print_zero_shot(rows)
+    return summary(rows, tasks=tasks[0], num_fewshot=0, limit=args.eval_limit)
 
 
 class _TokenClock:
@@ -635,6 +826,7 @@ class _TokenClock:
 def cmd_generate(args):
     import torch
 
+    from .models import check_context
     from .runtime import check_generation
 
     if not args.prompt:
@@ -648,10 +840,8 @@ def cmd_generate(args):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and ids.shape[1] + args.max_new_tokens > context:
-        raise DepthcutError(f"{ids.shape[1]} prompt tokens and --max-new-tokens {args.max_new_tokens} exceed the "
-                            f"model's context of {context} tokens")
+    check_context(model.config, ids.shape[1] + args.max_new_tokens,
+                  f"{ids.shape[1]} prompt tokens and --max-new-tokens {args.max_new_tokens}")
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.runner == "runtime":
         from .runtime import Runtime, default_weight_dtype
@@ -747,6 +937,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+        close_process_group()
     return 0
 
 

@@ -1,25 +1,30 @@
 """Write an in-memory Hugging Face causal LM (dense or depth-pruned) as a GGUF file for llama.cpp.
 
 The file is built with the official ``gguf`` package: tensors renamed through a per-architecture
-table, quantised with ``gguf.quants.quantize``, the tokenizer (byte-level BPE, or SentencePiece-style
-BPE with byte fallback as Llama-1/2, Mistral v0.1 and Gemma have) and the architecture
-hyper-parameters written as metadata. Tensors are quantised and written one at a time, so peak
+table, quantised with ``gguf.quants.quantize`` (legacy types) or ``kquants.quantize`` (K types,
+weighted by an importance matrix when one is given; per-tensor types from ``gguf_mixes``), the
+tokenizer (byte-level BPE, or SentencePiece-style BPE with byte fallback as Llama-1/2, Mistral
+v0.1 and Gemma have) and the architecture hyper-parameters written as metadata. Tensors are quantised and written one at a time, so peak
 memory is the model plus one converted tensor, and the file appears only when it is complete.
 The tokenizer conversion lives in ``gguf_tokenizer.py``. The tables here name gguf's enums by
 member name, so that this module imports without the optional ``gguf`` package.
 """
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from .gguf_mixes import K_MIXES, LEGACY_TYPES, TensorRole, tensor_type
 from .gguf_tokenizer import GGUFExportError, add_tokenizer, check_name, gguf_tokenizer_pre, require_gguf
+from .legacy_quants import WEIGHTED_TYPES, quantize_weighted
 from .models import FAMILIES
 from .outputs import GGUF_MARK_KEY, WRITTEN_BY, atomic_path
 
@@ -28,10 +33,13 @@ try:
 except ImportError:  # optional: export_gguf calls require_gguf first
     gguf = None
 
-__all__ = ["ARCHITECTURES", "QTYPES", "GGUFExportError", "export_gguf", "gguf_tokenizer_pre"]
+__all__ = ["ARCHITECTURES", "QTYPES", "GGUFExportError", "export_gguf", "gguf_tokenizer_pre", "gguf_weight_name",
+           "tensor_types"]
 
-# The types of 2-D weights; qtype "x" is GGMLQuantizationType.X and general.file_type LlamaFileType.MOSTLY_X.
-QTYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# The types of 2-D weights: a legacy qtype "x" is GGMLQuantizationType.X for every matrix, a K mix
+# assigns types per tensor (gguf_mixes.py); general.file_type is LlamaFileType.MOSTLY_X.
+QTYPES = LEGACY_TYPES + tuple(K_MIXES)
+FALLBACKS_KEY = "depthcut.quantization_fallbacks"  # tensors a K mix stored in a legacy type
 
 # Hugging Face module path (``{bid}`` = block index) -> gguf.MODEL_TENSOR member name; ``.weight``/``.bias`` follow.
 # These names are shared by every Llama-style family transformers implements.
@@ -196,17 +204,21 @@ ARCHITECTURES = {
 
 
 def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None = None,
-                tokenizer_pre: str | None = None, force: bool = False) -> Path:
+                tokenizer_pre: str | None = None, imatrix=None, force: bool = False) -> Path:
     """Write ``model`` + ``tokenizer`` to ``path`` as GGUF and return the path.
 
-    ``qtype`` sets the type of the 2-D weight matrices. 1-D tensors (norms, biases) stay f32, as
-    llama.cpp expects; a matrix whose row length is not a multiple of the quantisation block falls
-    back to f16 (with a warning). For the 4/5-bit types the output head (``token_embd`` when the
-    embeddings are tied) is stored as q8_0, as llama.cpp's own quantiser does, since the logits are
-    the most quantisation-sensitive product. ``tokenizer_pre`` overrides the llama.cpp
-    pre-tokenizer name detected from the tokenizer (pass the source file's value when the model
-    came from GGUF: transformers does not keep it). An existing file is replaced only when
-    depthcut wrote it (its ``depthcut.written_by`` key), or with ``force``.
+    ``qtype`` sets the types of the 2-D weight matrices (gguf_mixes.py has the rules). 1-D tensors
+    (norms, biases) stay f32, as llama.cpp expects. Legacy types: a matrix whose row length is not
+    a multiple of the quantisation block falls back to f16 (with a warning), and for the 4/5-bit
+    types the output head (``token_embd`` when the embeddings are tied) is stored as q8_0. K mixes:
+    types per tensor as llama.cpp's mixes of the same names, rows off the 256 grid in a legacy type
+    (a warning, and the list under ``depthcut.quantization_fallbacks``). ``imatrix`` (an
+    ``imatrix.Imatrix`` or the path of an imatrix file) weights the quantisation error per input
+    channel (K types, and Q4_0/Q5_0/Q5_1 through ``legacy_quants``).
+    ``tokenizer_pre`` overrides the llama.cpp pre-tokenizer name detected from the tokenizer (pass
+    the source file's value when the model came from GGUF: transformers does not keep it). An
+    existing file is replaced only when depthcut wrote it (its ``depthcut.written_by`` key), or
+    with ``force``.
     """
     require_gguf()
     if qtype not in QTYPES:
@@ -220,9 +232,10 @@ def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None 
     family_meta = spec.metadata(config) if spec.metadata else []
     path = Path(path)
     check_name(name or path.stem, tokenizer)
-    weight_type = gguf.GGMLQuantizationType[qtype.upper()]
     file_type = gguf.LlamaFileType[f"MOSTLY_{qtype.upper()}"]
-    plan = _tensor_plan(model, spec, weight_type)
+    plan, fallbacks = _tensor_plan(model, spec, qtype, _load_imatrix(imatrix, config.num_hidden_layers))
+    if fallbacks:
+        family_meta = [*family_meta, ("add_array", FALLBACKS_KEY, fallbacks)]
 
     with atomic_path(path, force=force) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[spec.arch]])
@@ -233,22 +246,33 @@ def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None 
     return path
 
 
+def _load_imatrix(imatrix, n_blocks: int):
+    if imatrix is None:
+        return None
+    from .imatrix import Imatrix
+
+    imatrix = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
+    imatrix.check_blocks(n_blocks)
+    return imatrix
+
+
 def _write(writer, tmp, config, tokenizer, plan, name, file_type, tokenizer_pre, family_meta) -> None:
     writer.add_string(GGUF_MARK_KEY, WRITTEN_BY)  # right after the architecture: see outputs.py
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.MODEL)
     _add_hparams(writer, config, file_type)
-    for method, value in family_meta:
-        getattr(writer, method)(value)
+    for method, *values in family_meta:
+        getattr(writer, method)(*values)
     add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
     # Header first, then one tensor at a time: only one converted tensor is ever in memory.
-    for gguf_name, _, _, shape, ttype, _ in plan:
-        writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(shape, ttype), raw_dtype=ttype)
+    for t in plan:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, t.ttype), raw_dtype=t.ttype)
     writer.write_header_to_file(tmp)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, tensor, permute_heads, _, ttype, offset in plan:
-        writer.write_tensor_data(_convert(tensor, permute_heads, ttype, offset))
+    slow = any(t.ttype.name.endswith("_K") for t in plan)
+    for t in tqdm(plan, desc="quantising", unit="tensor", disable=not slow, leave=False):
+        writer.write_tensor_data(_convert(t))
 
 
 def _rope(config) -> dict:
@@ -266,46 +290,94 @@ def _check_config(config, spec: ArchSpec) -> None:
         warnings.warn(f"llama.cpp ignores the sliding window ({window}): outputs match only up to {window} tokens")
 
 
-def _tensor_plan(model, spec: ArchSpec, weight_type: gguf.GGMLQuantizationType):
-    """[(gguf name, tensor, heads to un-rotate or None, numpy shape, ggml type, offset)] in file order."""
+class _Planned(NamedTuple):
+    name: str  # gguf name
+    tensor: torch.Tensor
+    permute_heads: int | None  # q/k heads to un-rotate
+    shape: tuple
+    ttype: "gguf.GGMLQuantizationType"
+    offset: float  # added before quantising (the family's norm offset)
+    importance: torch.Tensor | None  # [cols] mean x^2 per input channel, for the K types
+
+
+@functools.lru_cache(maxsize=None)
+def _patterns(model_type: str) -> list:
+    """[(regex over HF parameter names, gguf.MODEL_TENSOR member name)] of one architecture."""
+    return [(re.compile(re.escape(hf).replace(r"\{bid\}", r"(\d+)") + r"\.(weight|bias)$"), t)
+            for hf, t in ARCHITECTURES[model_type].tensors.items()]
+
+
+def _match(model_type: str, hf_name: str):
+    """(gguf name, gguf.MODEL_TENSOR member name, block index or None), or None if no table row matches."""
+    for pattern, target in _patterns(model_type):
+        if m := pattern.fullmatch(hf_name):
+            block = m.group(1) if m.re.groups == 2 else None
+            base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[target]]
+            return base.format(bid=block) + "." + m.groups()[-1], target, None if block is None else int(block)
+    return None
+
+
+def gguf_weight_name(model_type: str, module_name: str) -> str | None:
+    """The gguf tensor name of a linear module's weight ("model.layers.3.self_attn.q_proj" ->
+    "blk.3.attn_q.weight"), or None when the architecture's table has no row for it."""
+    found = _match(model_type, module_name + ".weight")
+    return found[0] if found else None
+
+
+def _tensor_plan(model, spec: ArchSpec, qtype: str, imatrix) -> tuple[list[_Planned], list[str]]:
+    """The tensors in file order, and the fallback notes of a K mix."""
     Q = gguf.GGMLQuantizationType
     allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[spec.arch]]}
-    patterns = [(re.compile(re.escape(hf).replace(r"\{bid\}", r"(\d+)") + r"\.(weight|bias)$"), t)
-                for hf, t in spec.tensors.items()]
     config = model.config
+    n_blocks = config.num_hidden_layers
+    n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    head_type = Q.Q8_0 if weight_type not in (Q.F16, Q.BF16, Q.Q8_0) else weight_type
-    plan, fallbacks = [], []
+    plan, fallbacks, missing = [], [], []
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd for the output, like its converter writes it
-        for pattern, target in patterns:
-            if m := pattern.fullmatch(hf_name):
-                break
-        else:
+        found = _match(config.model_type, hf_name)
+        if found is None:
             raise GGUFExportError(f"no GGUF tensor for {hf_name!r} in architecture {config.model_type!r}")
+        gguf_name, target, block = found
         base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[target]]
         if base not in allowed:
             raise GGUFExportError(f"llama.cpp's {spec.arch.lower()} has no tensor {base!r} (from {hf_name})")
-        gguf_name = base.format(bid=m.group(1)) + "." + m.groups()[-1]
         permute_heads = None
         if spec.interleaved_rope and target in ("ATTN_Q", "ATTN_K"):
             permute_heads = config.num_attention_heads if target == "ATTN_Q" else config.num_key_value_heads
+        importance = None
         if tensor.dim() == 1:
             ttype = Q.F32
         else:
             is_head = target == "OUTPUT" or (tied and target == "TOKEN_EMBD")
-            ttype = head_type if is_head else weight_type
-            if tensor.shape[-1] % gguf.GGML_QUANT_SIZES[ttype][0]:
-                fallbacks.append(gguf_name)
-                ttype = Q.F16
+            role = TensorRole(base.split(".")[-1], tensor.shape[-1], block, is_head)
+            name, note = tensor_type(qtype, role, n_blocks, n_gqa)
+            ttype = Q[name]
+            if note:
+                fallbacks.append(f"{gguf_name}: {note}")
+            if imatrix is not None and (name.endswith("_K") or name in WEIGHTED_TYPES):
+                importance = imatrix.importance(gguf_name, tensor.shape[-1])
+                if importance is None and block is not None:
+                    missing.append(gguf_name)
         # the family's norm offset goes into the file: llama.cpp multiplies by the stored weight
         offset = FAMILIES[config.model_type].norm_offset if target in _NORMS else 0.0
-        plan.append((gguf_name, tensor, permute_heads, tuple(tensor.shape), ttype, offset))
+        plan.append(_Planned(gguf_name, tensor, permute_heads, tuple(tensor.shape), ttype, offset, importance))
     if fallbacks:
-        warnings.warn(f"{len(fallbacks)} tensors stored as f16: row length not a multiple of the "
-                      f"{weight_type.name} block ({', '.join(fallbacks[:4])}{', ...' if len(fallbacks) > 4 else ''})")
-    return plan
+        legacy = qtype in LEGACY_TYPES
+        what = f"stored as f16: row length not a multiple of the {qtype.upper()} block" if legacy else \
+            "stored in a legacy type: row length not a multiple of 256"
+        warnings.warn(f"{len(fallbacks)} tensors {what} ({', '.join(fallbacks[:4])}{', ...' if len(fallbacks) > 4 else ''})")
+    if missing:
+        warnings.warn(f"the importance matrix has no entry for {len(missing)} tensors ({', '.join(missing[:4])}"
+                      f"{', ...' if len(missing) > 4 else ''}): quantised without it")
+    return plan, ([] if qtype in LEGACY_TYPES else fallbacks)
+
+
+def tensor_types(path) -> dict[str, str]:
+    """gguf tensor name -> GGML type name of a GGUF file (what a mix chose)."""
+    require_gguf()
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
 def _nbytes(shape, ttype: gguf.GGMLQuantizationType) -> int:
@@ -313,14 +385,19 @@ def _nbytes(shape, ttype: gguf.GGMLQuantizationType) -> int:
     return int(np.prod(shape[:-1])) * shape[-1] // block * size
 
 
-def _convert(tensor: torch.Tensor, permute_heads: int | None, ttype: gguf.GGMLQuantizationType,
-             offset: float = 0.0) -> np.ndarray:
-    data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
-    if offset:
-        data = data + np.float32(offset)
-    if permute_heads is not None:
-        data = _interleave_rope_rows(data, permute_heads)
-    return gguf.quants.quantize(data, ttype)
+def _convert(t: _Planned) -> np.ndarray:
+    data = t.tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+    if t.offset:
+        data = data + np.float32(t.offset)
+    if t.permute_heads is not None:
+        data = _interleave_rope_rows(data, t.permute_heads)
+    if t.ttype.name.endswith("_K"):
+        from . import kquants
+
+        return kquants.quantize(torch.from_numpy(np.ascontiguousarray(data)), t.ttype.name.lower(), t.importance)
+    if t.importance is not None:
+        return quantize_weighted(data, t.ttype.name, t.importance.numpy())
+    return gguf.quants.quantize(data, t.ttype)
 
 
 def _interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -212,12 +212,15 @@ def test_failed_export_keeps_the_old_file(tokenizer, tmp_path):
 
 def test_tables_name_gguf_members():
     """The tables hold gguf's enum member names (so that they import without gguf): each must exist."""
+    from depthcut.gguf_mixes import FALLBACK, K_MIXES, LEGACY_TYPES
+
     for spec in ARCHITECTURES.values():
         assert spec.arch in gguf.MODEL_ARCH.__members__
         assert set(spec.tensors.values()) <= set(gguf.MODEL_TENSOR.__members__)
     for qtype in QTYPES:
-        assert qtype.upper() in gguf.GGMLQuantizationType.__members__
         assert f"MOSTLY_{qtype.upper()}" in gguf.LlamaFileType.__members__
+    for name in [*map(str.upper, LEGACY_TYPES), *K_MIXES.values(), *FALLBACK.values()]:
+        assert name in gguf.GGMLQuantizationType.__members__
 
 
 # A Python without the gguf package: None in sys.modules makes ``import gguf`` raise ImportError.
@@ -530,3 +533,184 @@ def test_smollm2_gguf_prune_gguf(tmp_path):
     assert abs(ppl_gguf / ppl_src - 1) < 0.02
     reloaded_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert reloaded_tok(SAMPLE).input_ids == tokenizer(SAMPLE).input_ids
+
+
+# --- K-quant mixes ----------------------------------------------------------------------------
+
+# llama.cpp's rules written out for 8 blocks (n_gqa 2): per block, the digit of the K type
+# (Q<d>_K) of attn_v, ffn_down and attn_output; every other matrix has the mix's base type and
+# the head is Q6_K. "More bits" blocks of 8 are 0, 3, 6 and 7; n/8 = 1, n/16 = 0.
+MIX_TABLE_8 = {  # mix: (base, attn_v, ffn_down, attn_output)
+    "q2_k": ("2", "33333333", "33333333", "33333333"),
+    "q3_k_s": ("3", "33333333", "33333333", "33333333"),
+    "q3_k_m": ("3", "55444444", "44444444", "44444444"),
+    "q3_k_l": ("3", "55555555", "55555555", "55555555"),
+    "q4_k_s": ("4", "55554444", "54444444", "44444444"),
+    "q4_k_m": ("4", "64464466", "64464466", "44444444"),
+    "q5_k_s": ("5", "55555555", "55555555", "55555555"),
+    "q5_k_m": ("5", "65565566", "65565566", "55555555"),
+    "q6_k": ("6", "66666666", "66666666", "66666666"),
+}
+K_MIX_NAMES = list(MIX_TABLE_8)
+# relative L2 error of the reloaded logits against the float source (2 x 40 random tokens), measured
+# on the 256-wide tiny qwen2: q2_k 0.28, q3_k_* 0.12-0.15, q4_k_* 0.06, q5_k_* 0.03, q6_k 0.015
+K_TOLERANCE = {"2": 1.5, "3": 1.2, "4": 0.8, "5": 0.5, "6": 0.3}
+# relative L2 error of each stored matrix against the source (the tiny model's N(0, 0.08) weights);
+# measured maxima over the mixes: Q2_K 0.274, Q3_K 0.146, Q4_K 0.072, Q5_K 0.036, Q6_K 0.017,
+# Q5_0 0.043, Q5_1 0.038, Q4_0 0.086, Q8_0 0.0054.
+WEIGHT_TOLERANCE = {"Q2_K": 0.3, "Q3_K": 0.165, "Q4_K": 0.08, "Q5_K": 0.04, "Q6_K": 0.02,
+                    "Q4_0": 0.095, "Q5_0": 0.048, "Q5_1": 0.04, "Q8_0": 0.006}
+
+
+def _expected_mix_types(mix: str, n_blocks: int = 8) -> dict[str, str]:
+    base, attn_v, ffn_down, attn_output = MIX_TABLE_8[mix]
+    out = {"token_embd.weight": f"Q{base}_K", "output.weight": "Q6_K"}
+    for i in range(n_blocks):
+        for kind in ("attn_q", "attn_k", "ffn_gate", "ffn_up"):
+            out[f"blk.{i}.{kind}.weight"] = f"Q{base}_K"
+        for kind, digits in (("attn_v", attn_v), ("ffn_down", ffn_down), ("attn_output", attn_output)):
+            out[f"blk.{i}.{kind}.weight"] = f"Q{digits[i]}_K"
+    return out
+
+
+def test_more_bits_layers():
+    from depthcut.gguf_mixes import more_bits
+
+    assert [i for i in range(8) if more_bits(i, 8)] == [0, 3, 6, 7]
+    assert [i for i in range(32) if more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+
+def test_mix_rules_that_need_depth_or_gqa():
+    from depthcut.gguf_mixes import TensorRole, tensor_type
+
+    def t(mix, kind, i, n=32, gqa=1, cols=512):
+        return tensor_type(mix, TensorRole(kind, cols, i, False), n, gqa)[0]
+
+    assert [t("q3_k_m", "ffn_down", i) for i in (0, 1, 2, 31)] == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]  # i < n/16
+    assert [t("q4_k_s", "ffn_down", i) for i in (3, 4)] == ["Q5_K", "Q4_K"]  # i < n/8
+    assert t("q2_k", "attn_v", 5, gqa=4) == "Q4_K" and t("q2_k", "attn_v", 5, gqa=3) == "Q3_K"
+    assert t("q4_k_m", "attn_qkv", 0) == "Q6_K" and t("q4_k_m", "attn_qkv", 4) == "Q4_K"  # fused qkv: a value projection
+    assert t("q4_k_m", "ffn_down", 4, cols=576) == "Q5_0" and t("q4_k_m", "ffn_down", 3, cols=576) == "Q8_0"
+    assert t("q2_k", "ffn_gate", 0, cols=48) == "F16"  # not even a legacy block fits
+    assert tensor_type("q4_k_m", TensorRole("token_embd", 576, None, True), 32, 1) == ("Q8_0", None)  # head rule
+
+
+@pytest.fixture(scope="module")
+def k_model(tokenizer):
+    """A tiny qwen2 whose matrices all have rows of 256 or 512 (qwen2 stores q/k unpermuted, so
+    every reloaded tensor can be compared with the stored blocks)."""
+    return _tiny("qwen2", tokenizer, hidden_size=256, intermediate_size=512)
+
+
+@pytest.mark.parametrize("mix", K_MIX_NAMES)
+def test_k_mix_types_and_reload(mix, k_model, tokenizer, tmp_path):
+    from depthcut.export_gguf import tensor_types
+
+    path = export_gguf(k_model, tokenizer, tmp_path / "m.gguf", mix)
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"]
+    types = tensor_types(path)
+    assert {k: v for k, v in types.items() if v != "F32"} == _expected_mix_types(mix)
+    assert "depthcut.quantization_fallbacks" not in reader.fields
+
+    loaded = _reload(path)
+    got = loaded.state_dict()
+    stored = {t.name: t for t in reader.tensors}
+    for hf_name, gguf_name in [("model.layers.3.mlp.down_proj.weight", "blk.3.ffn_down.weight"),
+                               ("model.layers.0.self_attn.v_proj.weight", "blk.0.attn_v.weight"),
+                               ("model.layers.5.self_attn.q_proj.weight", "blk.5.attn_q.weight"),
+                               ("lm_head.weight", "output.weight")]:
+        t = stored[gguf_name]
+        want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(got[hf_name].shape)
+        assert torch.equal(got[hf_name], torch.from_numpy(np.ascontiguousarray(want, dtype=np.float32))), hf_name
+    _check_weight_errors(k_model, stored)
+    ids = torch.randint(0, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, src = loaded(ids).logits, k_model(ids).logits
+    # measured q2_k 1.18, q3_k_* 0.88-0.96, q4_k_* 0.60, q5_k_* 0.33-0.35, q6_k 0.18 (q8_0: 0.057):
+    # random blocks amplify the weights' error ~10x, so the per-tensor bounds are the sharp check
+    assert ((out - src).norm() / src.norm()).item() < K_TOLERANCE[MIX_TABLE_8[mix][0]]
+
+
+def _check_weight_errors(model, stored: dict) -> None:
+    """Every stored matrix within its type's error bound (q/k compared up to llama's row order)."""
+    for name, p in model.state_dict().items():
+        if p.dim() != 2 or name == "lm_head.weight" and "output.weight" not in stored:
+            continue
+        found = stored[_gguf_name(name)]
+        got = gguf.quants.dequantize(found.data, found.tensor_type).reshape(p.shape)
+        if found.tensor_type.name in ("F16", "BF16", "F32"):
+            continue
+        w = p.detach().numpy()
+        if model.config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            got, w = np.sort(got, axis=0), np.sort(w, axis=0)
+        rel = np.linalg.norm(got - w) / np.linalg.norm(w)
+        assert rel < WEIGHT_TOLERANCE[found.tensor_type.name], (name, found.tensor_type.name, rel)
+
+
+def _gguf_name(hf_name: str) -> str:
+    from depthcut.export_gguf import gguf_weight_name
+
+    return gguf_weight_name("llama", hf_name.removesuffix(".weight"))
+
+
+# SmolLM2's widths: rows of 576 are off the 256 grid, the FFN down projection's 1536 are on it.
+FALLBACK_CASES = {  # mix: (attn_q, attn_v of blocks 0/1, ffn_down of blocks 0/1); 2 blocks: block 1 gets more bits
+    "q2_k": ("Q4_0", ("Q4_0", "Q4_0"), ("Q3_K", "Q3_K")),
+    "q4_k_m": ("Q5_0", ("Q5_0", "Q8_0"), ("Q4_K", "Q6_K")),
+    "q5_k_s": ("Q5_1", ("Q5_1", "Q5_1"), ("Q5_K", "Q5_K")),
+    "q6_k": ("Q8_0", ("Q8_0", "Q8_0"), ("Q6_K", "Q6_K")),
+}
+
+
+@pytest.mark.parametrize("mix", list(FALLBACK_CASES))
+def test_rows_off_the_256_grid_fall_back(mix, tokenizer, tmp_path):
+    from depthcut.export_gguf import tensor_types
+
+    model = _tiny("llama", tokenizer, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                  num_key_value_heads=3, num_hidden_layers=2, tie_word_embeddings=True)
+    with pytest.warns(UserWarning, match="stored in a legacy type: row length not a multiple of 256"):
+        path = export_gguf(model, tokenizer, tmp_path / "m.gguf", mix)
+    types = tensor_types(path)
+    attn_q, attn_v, ffn_down = FALLBACK_CASES[mix]
+    assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types  # tied head, 576 wide
+    for i in range(2):
+        assert [types[f"blk.{i}.{k}.weight"] for k in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")] == [attn_q] * 5
+        assert (types[f"blk.{i}.attn_v.weight"], types[f"blk.{i}.ffn_down.weight"]) == (attn_v[i], ffn_down[i])
+    notes = gguf.GGUFReader(path).fields["depthcut.quantization_fallbacks"].contents()
+    assert len(notes) == 12 and f"blk.0.attn_q.weight: {_k_type(mix)}->{attn_q} (rows of 576)" in notes
+    _check_weight_errors(model, {t.name: t for t in gguf.GGUFReader(path).tensors})
+    loaded = _reload(path)
+    ids = torch.randint(0, len(tokenizer), (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, src = loaded(ids).logits, model(ids).logits
+    assert ((out - src).norm() / src.norm()).item() < K_TOLERANCE[_k_type(mix)[1]]
+
+
+def _k_type(mix: str) -> str:
+    return MIX_TABLE_8[mix][0].join(("Q", "_K"))
+
+
+def test_importance_reaches_the_quantiser(k_model, tokenizer, tmp_path):
+    """Each K-quant tensor is the quantiser's output for that weight with that tensor's importance."""
+    from depthcut import kquants
+    from depthcut.imatrix import collect_imatrix
+
+    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(5))
+    imatrix = collect_imatrix(k_model, ids, progress=False)
+    imatrix.sums["blk.2.ffn_gate.weight"][:128] *= 1000  # make the importance matter
+    with_im = {t.name: t for t in gguf.GGUFReader(export_gguf(k_model, tokenizer, tmp_path / "a.gguf", "q3_k_m",
+                                                              imatrix=imatrix)).tensors}
+    plain = {t.name: t for t in gguf.GGUFReader(export_gguf(k_model, tokenizer, tmp_path / "b.gguf", "q3_k_m")).tensors}
+    w = k_model.model.layers[2].mlp.gate_proj.weight.detach()
+    want = kquants.quantize(w, "q3_k", imatrix.importance("blk.2.ffn_gate.weight", 256))
+    assert np.array_equal(np.asarray(with_im["blk.2.ffn_gate.weight"].data).reshape(want.shape), want)
+    assert not np.array_equal(np.asarray(plain["blk.2.ffn_gate.weight"].data).reshape(want.shape), want)
+    # a file path works too, and the dense model's importance is refused for a pruned model
+    path = imatrix.save(tmp_path / "m.imatrix.gguf")
+    again = gguf.GGUFReader(export_gguf(k_model, tokenizer, tmp_path / "c.gguf", "q3_k_m", imatrix=path))
+    assert np.array_equal(np.asarray({t.name: t for t in again.tensors}["blk.2.ffn_gate.weight"].data).reshape(want.shape), want)
+    from depthcut.pruner import prune_blocks
+
+    with pytest.raises(GGUFExportError.__mro__[1], match="covers block 7 but the model has 6"):
+        export_gguf(prune_blocks(copy.deepcopy(k_model), [0, 1]), tokenizer, tmp_path / "d.gguf", "q4_k_m", imatrix=path)

@@ -13,7 +13,7 @@ import depthcut
 from depthcut.errors import DepthcutError
 from depthcut import offload
 from depthcut.offload import load_streamed
-from tiny_models import FAMILIES, random_tokens, tiny_model
+from tiny_models import FAMILIES, random_tokens, save_word_tokenizer, tiny_model
 
 CRITERIA = ["ppl", "taylor", "bi", "angular", "magnitude"]
 
@@ -39,6 +39,23 @@ def test_streamed_scores_are_the_in_memory_scores(family, budget, tokenizer, tmp
     for c in whole:
         assert got[c] == whole[c], c  # the same arithmetic, bit for bit
     assert all(p.device.type == "meta" for p in streamed.model.layers.parameters())  # every block released
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_gpu_streamed_scores_are_the_in_memory_scores(offload, tmp_path):
+    """On a GPU blocks arrive through a side stream while the previous block computes."""
+    model = tiny_model("llama", seed=3)
+    model.save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path, model.config.vocab_size)
+    ids = random_tokens(model, 4, 23, seed=5)
+    in_memory, _ = depthcut.load_model(tmp_path, dtype=torch.float32, device="cuda")
+    whole = depthcut.score(in_memory, ids, CRITERIA, windows=[1, 2], dtype=torch.float32, progress=False)
+    streamed, _ = load_streamed(tmp_path, offload, dtype=torch.float32, device="cuda")
+    got = depthcut.score(streamed, ids, CRITERIA, windows=[1, 2], progress=False)
+    for c in whole:
+        assert got[c] == whole[c], c
 
 
 def test_a_pruned_streamed_model_saves_tensor_by_tensor(tokenizer, tmp_path, monkeypatch):

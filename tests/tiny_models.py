@@ -66,3 +66,13 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **over
 def random_tokens(model, n: int = 3, t: int = 17, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (n, t), generator=g)
+
+
+def save_word_tokenizer(folder, vocab_size: int) -> None:
+    """A word-level tokenizer over ``vocab_size`` ids, for folders that need one but not SmolLM2's
+    (the GPU machine does not carry the SmolLM2 file)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
