@@ -412,7 +412,7 @@ def _load(args):
     return model, tokenizer
 
 
-def _score(args, model, calibration, criteria, iterative=0):
+def _score(args, model, calibration, criteria, iterative=0, importance=False):
     from .scoring import parse_criteria, score
 
     if args.offload:
@@ -426,7 +426,7 @@ def _score(args, model, calibration, criteria, iterative=0):
                             "nothing could be pruned")
     return score(model, calibration, criteria, scorer=args.scorer, windows=args.window, iterative=iterative,
                  protect=_protect(args), max_memory=args.max_memory, dtype=_dtype(args.compute_dtype),
-                 angular_tokens=args.angular_tokens, progress=is_main())
+                 angular_tokens=args.angular_tokens, progress=is_main(), importance=importance)
 
 
 def _join_ranks(args) -> None:
@@ -522,7 +522,7 @@ def cmd_prune(args):
     model, tokenizer = _load(args)
     n = model.config.num_hidden_layers
     protect = _protect(args)
-    calibration = None
+    calibration = scores = None
     if args.blocks:
         blocks = sorted(args.blocks)
         criterion = "explicit list"
@@ -539,7 +539,8 @@ def cmd_prune(args):
             base = "ppl" if iterative else criterion.rstrip("0123456789")
             if base.startswith("angular"):
                 args.window = [window_width(criterion)]
-            scores = _score(args, model, calibration, [base], iterative)
+            pass_importance = bool(args.gguf) and args.type in K_MIXES and not args.imatrix
+            scores = _score(args, model, calibration, [base], iterative, importance=pass_importance)
         blocks = scores.select(criterion, count, protect)
     if not is_main():
         return  # under torchrun every rank scored its share; rank 0 cuts, evaluates and writes
@@ -559,9 +560,13 @@ def cmd_prune(args):
     elif args.gguf and args.type in K_MIXES:
         from .imatrix import collect_imatrix
 
-        # IMATRIX-FROM-PASS: until the scoring pass collects it, one extra forward on the calibration
         calibration = calibration or _calibration(args, tokenizer)
-        imatrix = collect_imatrix(model, calibration.input_ids, dataset=calibration.source).for_pruned(blocks)
+        imatrix = scores.importance if scores is not None else None  # collected by the scoring pass
+        if imatrix is None:  # no pass ran (--blocks, --scores, magnitude): one forward on the calibration
+            imatrix = collect_imatrix(model, calibration.input_ids, dataset=calibration.source)
+        else:
+            imatrix.datasets = [calibration.source]
+        imatrix = imatrix.for_pruned(blocks)
     prune_blocks(model, blocks)
     card = {"name": f"{Path(args.out).name}", "source": args.model or "SmolLM2-135M-Instruct (bundled)",
             "num_blocks": n, "removed": blocks, "criterion": criterion,

@@ -249,6 +249,16 @@ class ImatrixCollector:
         else:
             self._sums[name], self._counts[name] = sq.clone(), n
 
+    def all_reduce(self) -> None:
+        """Under torchrun: every rank's sums and counts become those over all ranks' windows."""
+        from .distributed import all_reduce_sum
+
+        names = sorted(self._sums)  # the same order on every rank
+        for name in names:
+            all_reduce_sum(self._sums[name])
+        counts = all_reduce_sum(torch.tensor([self._counts[n] for n in names], dtype=torch.float64))
+        self._counts = {n: int(c) for n, c in zip(names, counts.tolist())}
+
     def imatrix(self, datasets: list[str] | None = None, chunk_count: int = 0, chunk_size: int = 0) -> Imatrix:
         return Imatrix({k: v.cpu().numpy() for k, v in self._sums.items()}, dict(self._counts),
                        list(datasets or []), chunk_count, chunk_size)

@@ -260,3 +260,16 @@ def atomic_write(path: str | os.PathLike, data: bytes, force: bool = False) -> P
     with atomic_path(path, force=force) as tmp:
         tmp.write_bytes(data)
     return _abs(path)
+
+
+def save_chart(fig, path: str | os.PathLike, force: bool = False) -> Path:
+    """A matplotlib figure as a PNG marked as depthcut's (its Software chunk), written atomically;
+    the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": WRITTEN_BY})
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue(), force=force)

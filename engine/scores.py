@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DepthcutError
-from .outputs import WRITTEN_BY, atomic_write
+from .outputs import WRITTEN_BY, atomic_write, save_chart
 
 # Criteria that have one score per block (angular distance has one per window start).
 PER_BLOCK = ("ppl", "taylor", "magnitude", "bi", "taylor_ppl_estimate")
@@ -45,6 +45,9 @@ class BlockScores(Mapping):
     scores: dict[str, list[float]]
     num_blocks: int
     meta: dict = field(default_factory=dict)
+    # With score(..., importance=True): the imatrix.Imatrix (Σx² per input channel of every block
+    # linear) that the same pass collected on the full model's stream. Not written to JSON.
+    importance: object | None = field(default=None, compare=False, repr=False)
 
     def __getitem__(self, key: str) -> list[float]:
         if key not in self.scores:
@@ -149,12 +152,7 @@ class BlockScores(Mapping):
         axes[-1, 0].set_xlabel("block (grey: protected by the + heuristic)")
         fig.suptitle("depthcut block scores (lower = pruned first)")
         fig.tight_layout()
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, metadata={"Software": WRITTEN_BY})
-        plt.close(fig)
-        return atomic_write(path, buf.getvalue(), force=force)
+        return save_chart(fig, path, force=force)
 
 
 def window_width(criterion: str) -> int:

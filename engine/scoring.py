@@ -42,6 +42,7 @@ def score(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     angular_tokens: str = "all",
+    importance: bool = False,
 ) -> BlockScores:
     """Score every block of ``model`` on the calibration windows.
 
@@ -50,7 +51,8 @@ def score(
     window sizes, default 1; ``angular_tokens`` one of :data:`ANGULAR_TOKENS`). ``iterative=k`` adds SLEB-style iterative PPL for k removals.
     ``dtype`` is the precision of the fused pass; None chooses by :func:`models.compute_dtype`
     (bf16 only on CPUs with native bf16, the model's own on the GPU); ``meta["compute_dtype"]``
-    says which and why.
+    says which and why. ``importance=True`` has the fused pass also collect the imatrix for
+    K-quant exports (``BlockScores.importance``; None when no fused pass ran).
     Returns a :class:`BlockScores`: criterion -> one float per block, lower = pruned first.
     """
     ids = as_token_ids(calibration, model)  # vocabulary and context checked before any work
@@ -74,6 +76,7 @@ def score(
     if isinstance(calibration, Calibration):
         meta["calibration"] = calibration.describe()
     data_criteria = {c for c in names if c != "magnitude"}
+    imatrix = None
     streamed = stream_of(model) is not None
     if streamed and scorer == "reference" and data_criteria:
         raise DepthcutError("--scorer reference needs the whole model in memory; a streamed model uses the fused pass")
@@ -84,8 +87,8 @@ def score(
         else:
             dtype, meta["compute_dtype"] = compute_dtype(first.device, first.dtype, dtype)
     if scorer == "fused" and data_criteria:
-        fused, facts = score_single_pass(model, ids, data_criteria, windows, max_memory, dtype, progress,
-                                         angular_tokens)
+        fused, facts, imatrix = score_single_pass(model, ids, data_criteria, windows, max_memory, dtype, progress,
+                                                  angular_tokens, importance)
         scores.update(fused)
         meta.update(facts)
     elif data_criteria:
@@ -109,7 +112,7 @@ def score(
         meta["taylor_ppl_estimate_spearman"] = spearman(scores["ppl"], scores["taylor_ppl_estimate"])
     meta["seconds"] = time.perf_counter() - t0
     meta["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's high-water mark
-    return BlockScores(scores, adapter.num_blocks, meta)
+    return BlockScores(scores, adapter.num_blocks, meta, importance=imatrix)
 
 
 def spearman(a: list[float], b: list[float]) -> float:

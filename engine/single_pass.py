@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum, my_windows, rank_and_size
 from .errors import DepthcutError
+from .imatrix import ImatrixCollector
 from .ops import linear_nll, taylor_saliency
 from .models import ModelAdapter, block_input, block_output
 from .offload import loaded, stream_of
@@ -262,9 +263,12 @@ class SinglePass:
 
     def __init__(self, model, criteria: set[str], windows: tuple[int, ...] = (), max_memory: int | None = None,
                  dtype: torch.dtype | None = None, angular_tokens: str = "all",
-                 several_chunks_backward: str | None = None):
+                 several_chunks_backward: str | None = None, importance: bool = False):
         """``several_chunks_backward`` (per_block or per_chunk) overrides the Taylor backward picked
-        when the calibration takes several chunks (tests compare the two)."""
+        when the calibration takes several chunks (tests compare the two). ``importance`` also
+        collects the imatrix (Σx² per input channel of every block linear) on the full model's
+        stream as the walk passes it (docs/DESIGN.md, "GGUF export")."""
+        self.importance = importance
         if several_chunks_backward not in (None, "per_block", "per_chunk"):
             raise DepthcutError(f"unknown Taylor backward {several_chunks_backward!r}")
         self.several_chunks_backward = several_chunks_backward
@@ -313,6 +317,10 @@ class SinglePass:
         flags = {p: p.requires_grad for p in adapter.model.parameters()}
         for p in flags:
             p.requires_grad_(False)
+        self.collector = ImatrixCollector(adapter.model) if self.importance else None
+        if self.collector is not None:
+            self.collector.active = False  # _walk_chunk turns it on for the calls that carry slot 0
+            self.collector.__enter__()
         try:
             bar = tqdm(total=len(chunks) * len(layer_ids) * (2 if want_taylor else 1), desc="single pass",
                        disable=not progress, leave=False)
@@ -336,8 +344,13 @@ class SinglePass:
         finally:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
+            if self.collector is not None:
+                self.collector.__exit__(None, None, None)
         self.plan = plan
         result.all_reduce()
+        if self.collector is not None:
+            self.collector.all_reduce()
+            self.imatrix = self.collector.imatrix(None, result.tokens // seq_len, seq_len)
         self.taylor_scores = taylor.finish() if taylor else None
         self.taylor_accumulator_bytes = taylor.accumulator_bytes if taylor else 0
         return result
@@ -390,6 +403,8 @@ class SinglePass:
                 group = math.ceil(live / math.ceil(live / group))  # fewest calls, sizes as even as that allows
             with loaded(self.adapter.model, i, layer_ids[pos + 1] if pos + 1 < L else None):
                 for s in range(0, live, group):
+                    if self.collector is not None:  # slot 0, the full model, is this call's first n·t rows
+                        self.collector.active, self.collector.rows = s == 0, n * t
                     e = s + group if plan.fixed_shapes else min(s + group, live)
                     out = calls(i, buf[s:e].view(-1, t, buf.shape[-1])).view(e - s, n, t, -1)
                     buf[s:min(e, live)] = out[:min(e, live) - s]
@@ -397,6 +412,8 @@ class SinglePass:
             if stream is not None:
                 stream.append(_copy_to(buf[0], keep, clone=True))
             bar.update()
+        if self.collector is not None:
+            self.collector.active = False  # the head and the Taylor backward's recomputation do not count
         result.bi = _add(result.bi, cos_sum.cpu())
         ends = stream if self.angular_tokens == "all" else self._pruneme_view(stream)
         for w in self.windows:
@@ -503,10 +520,11 @@ def _add(total, part):
 
 
 def score_single_pass(model, input_ids: torch.Tensor, criteria: set[str], windows=(), max_memory=None,
-                      dtype=None, progress=True, angular_tokens: str = "all") -> tuple[dict[str, list[float]], dict]:
-    """Scores of every requested criterion from one walk; plus facts about the run."""
+                      dtype=None, progress=True, angular_tokens: str = "all", importance: bool = False):
+    """Scores of every requested criterion from one walk, facts about the run, and the imatrix
+    when ``importance`` (else None)."""
     t0 = time.perf_counter()
-    sp = SinglePass(model, criteria, windows, max_memory, dtype, angular_tokens)
+    sp = SinglePass(model, criteria, windows, max_memory, dtype, angular_tokens, importance=importance)
     r = sp.run(input_ids, progress=progress)
     L = r.num_blocks
     scores: dict[str, list[float]] = {}
@@ -535,7 +553,7 @@ def score_single_pass(model, input_ids: torch.Tensor, criteria: set[str], window
         "processes": rank_and_size()[1],
         "block_evaluations": L + L * (L - 1) // 2 if "ppl" in criteria else L,
     }
-    return scores, meta
+    return scores, meta, sp.imatrix if importance else None
 
 
 def iterative_ppl(model, input_ids: torch.Tensor, steps: int, allowed: list[int], max_memory=None, dtype=None,

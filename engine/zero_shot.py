@@ -6,7 +6,6 @@ command line starts fast.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -15,7 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from .errors import DepthcutError
-from .outputs import WRITTEN_BY, atomic_write
+from .outputs import WRITTEN_BY, atomic_write, save_chart
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 ACCURACIES = ("acc_norm", "acc")  # the paper's metric where the harness reports it, else plain accuracy
@@ -210,10 +209,7 @@ def plot(path: Path, rows: list[dict], force: bool = False) -> Path:
         ax.legend(fontsize="small")
     fig.suptitle("depthcut eval")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": WRITTEN_BY})
-    plt.close(fig)
-    return atomic_write(path, buf.getvalue(), force=force)
+    return save_chart(fig, path, force=force)
 
 
 def _is_accuracy(rows: list[dict], column: str) -> bool:

@@ -100,6 +100,29 @@ def test_for_pruned_renumbers_like_the_pruned_model():
         dense.check_blocks(6)
 
 
+@pytest.mark.parametrize("criteria, budget", [({"ppl", "taylor"}, None), ({"ppl", "bi"}, 60_000), ({"bi"}, None)])
+def test_the_scoring_pass_collects_the_plain_forwards_importance(criteria, budget):
+    """Slot 0 of the walk is the full model: its rows alone, once per block, give what one plain
+    forward collects, whatever the variant groups, chunks and Taylor recomputation do."""
+    import depthcut
+    from depthcut.single_pass import SinglePass
+
+    model = tiny_model("llama", seed=2)
+    ids = random_tokens(model, 5, 19, seed=3)
+    want = collect_imatrix(model, ids, progress=False)
+    sp = SinglePass(model, criteria, max_memory=budget, dtype=torch.float32, importance=True)
+    sp.run(ids, progress=False)
+    got = sp.imatrix
+    assert set(got.sums) == set(want.sums) and got.counts == want.counts
+    for name in want.sums:
+        np.testing.assert_allclose(got.sums[name], want.sums[name], rtol=1e-5, err_msg=name)
+    assert (got.chunk_count, got.chunk_size) == (5, 19)
+    scored = depthcut.score(model, ids, ["ppl"], dtype=torch.float32, importance=True, progress=False)
+    np.testing.assert_allclose(scored.importance.sums["blk.3.ffn_down.weight"], want.sums["blk.3.ffn_down.weight"],
+                               rtol=1e-5)
+    assert depthcut.score(model, ids, ["magnitude"], importance=True, progress=False).importance is None
+
+
 def _random_imatrix(n_blocks=3, cols=(64, 96)) -> Imatrix:
     rng = np.random.default_rng(0)
     names = [f"blk.{i}.{p}.weight" for i in range(n_blocks) for p in ("attn_q", "ffn_down")]
@@ -196,6 +219,11 @@ def test_cli_imatrix_export_and_prune(tmp_path, capsys):
     want = kquants.quantize(w, "q4_k", want_im.importance("blk.4.ffn_gate.weight", 256))
     stored = {t.name: t for t in gguf.GGUFReader(pruned).tensors}["blk.4.ffn_gate.weight"]
     assert np.array_equal(np.asarray(stored.data).reshape(want.shape), want)
+
+    scored = tmp_path / "s.gguf"  # scored by PPL: the importance comes from the scoring pass itself
+    assert cli.main(["prune", str(src), "--remove", "2", "--out", str(tmp_path / "s"), "--gguf", str(scored),
+                     "--type", "q4_k_m", "--compute-dtype", "fp32", *calib]) == 0
+    assert "blk.5.ffn_gate.weight" in {t.name for t in gguf.GGUFReader(scored).tensors}
 
     capsys.readouterr()
     rc = cli.main(["export", str(tmp_path / "p"), "--gguf", str(tmp_path / "x.gguf"), "--type", "q4_k_m",
