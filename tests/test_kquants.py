@@ -3,16 +3,17 @@ reconstruction error within each type's bound (random and real SmolLM2 weights);
 lowers the weighted error; bad input is one DepthcutError line."""
 import warnings
 
-import gguf
 import numpy as np
 import pytest
 import torch
-from gguf.quants import dequantize
-from gguf.quants import quantize as gguf_quantize
 
-from depthcut import kquants
-from depthcut.errors import DepthcutError
-from depthcut.ops import _has_ext_op
+gguf = pytest.importorskip("gguf")  # optional: the device image lacks it
+from gguf.quants import dequantize  # noqa: E402
+from gguf.quants import quantize as gguf_quantize  # noqa: E402
+
+from depthcut import kquants  # noqa: E402
+from depthcut.errors import DepthcutError  # noqa: E402
+from depthcut.ops import _has_ext_op  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 HAS_OP = _has_ext_op("quantize_kquant", torch.device("cpu"))
