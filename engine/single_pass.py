@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -320,32 +320,12 @@ class SinglePass:
         self.collector = ImatrixCollector(adapter.model) if self.importance else None
         if self.collector is not None:
             self.collector.active = False  # _walk_chunk turns it on for the calls that carry slot 0
-            self.collector.__enter__()
-        try:
-            bar = tqdm(total=len(chunks) * len(layer_ids) * (2 if want_taylor else 1), desc="single pass",
-                       disable=not progress, leave=False)
-            waiting: list[_ChunkGrad] = []  # per_block: every chunk's stream, for the block-major backward
-            for start in chunks:
-                ids = input_ids[start:start + plan.windows_per_chunk].to(self.device)
-                stream = self._walk_chunk(calls, ids, layer_ids, plan, result, bar)
-                if taylor is None:
-                    continue
-                chunk = self._head_grad(stream, ids, result.count)
-                if self.taylor_backward == "per_block":
-                    waiting.append(chunk.to(self.taylor_store))
-                else:
-                    result.first_order = _add(result.first_order, self._backward(calls, [chunk], layer_ids, taylor, bar))
-                del stream, chunk
-            self.taylor_stored_bytes = sum(c.nbytes for c in waiting)
-            if waiting:
-                result.first_order = self._backward(calls, waiting, layer_ids, taylor, bar)
-            del waiting
-            bar.close()
-        finally:
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
-            if self.collector is not None:
-                self.collector.__exit__(None, None, None)
+        with self.collector or nullcontext():
+            try:
+                self._walks(calls, input_ids, layer_ids, plan, result, taylor, progress)
+            finally:
+                for p, flag in flags.items():
+                    p.requires_grad_(flag)
         self.plan = plan
         result.all_reduce()
         if self.collector is not None:
@@ -354,6 +334,27 @@ class SinglePass:
         self.taylor_scores = taylor.finish() if taylor else None
         self.taylor_accumulator_bytes = taylor.accumulator_bytes if taylor else 0
         return result
+
+    def _walks(self, calls, input_ids, layer_ids, plan: Plan, result: PassResult, taylor, progress: bool) -> None:
+        """Every chunk's walk; Taylor's backward after each chunk, or (per_block) after all of them."""
+        bar = tqdm(total=len(range(0, len(input_ids), plan.windows_per_chunk)) * len(layer_ids) * (2 if taylor else 1),
+                   desc="single pass", disable=not progress, leave=False)
+        waiting: list[_ChunkGrad] = []  # per_block: every chunk's stream, for the block-major backward
+        for start in range(0, len(input_ids), plan.windows_per_chunk):
+            ids = input_ids[start:start + plan.windows_per_chunk].to(self.device)
+            stream = self._walk_chunk(calls, ids, layer_ids, plan, result, bar)
+            if taylor is None:
+                continue
+            chunk = self._head_grad(stream, ids, result.count)
+            if self.taylor_backward == "per_block":
+                waiting.append(chunk.to(self.taylor_store))
+            else:
+                result.first_order = _add(result.first_order, self._backward(calls, [chunk], layer_ids, taylor, bar))
+            del stream, chunk
+        self.taylor_stored_bytes = sum(c.nbytes for c in waiting)
+        if waiting:
+            result.first_order = self._backward(calls, waiting, layer_ids, taylor, bar)
+        bar.close()
 
     def _taylor_layout(self, layer_ids: list[int], n_windows: int, seq_len: int):
         """Several chunks: which Taylor backward, where the chunks' streams wait, and the device
