@@ -506,7 +506,8 @@ def cmd_prune(args):
         given = [flag for flag, on in (("--eval", args.eval), ("--eval-tasks", args.eval_tasks),
                                        ("--retrain", args.retrain), ("--gguf", args.gguf)) if on]
         if given:
-            raise DepthcutError(f"{', '.join(given)} need the model in memory; with --offload, prune and save first")
+            raise DepthcutError(f"{', '.join(given)} with --offload: these need the whole model in memory; prune "
+                                "and save first, then run them on the saved folder")
     t = _training_args(args, "retrain-")
     plan = _training_plan(t, args.retrain) if args.retrain else None
     if not args.retrain:

@@ -10,8 +10,8 @@ when the computation runs on a GPU (``cpu``). The arithmetic is the in-memory wa
 from __future__ import annotations
 
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -78,10 +78,6 @@ class BlockStream:
         finally:
             layer.to("meta")
 
-    def close(self) -> None:
-        self.reader.shutdown(wait=True)
-        self.ahead.clear()
-
 
 def stream_of(model) -> BlockStream | None:
     return getattr(model, "depthcut_stream", None)
@@ -105,10 +101,23 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
     single = folder / "model.safetensors"
     if not single.is_file():
         raise DepthcutError(f"--offload disk needs a safetensors checkpoint; none in {folder}")
+    with _opened(single) as f:
+        return {name: single for name in f.keys()}
+
+
+@contextmanager
+def _opened(path: Path):
+    """A safetensors file, memory-mapped for the duration; a missing or corrupt one is one line."""
     from safetensors import safe_open
 
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    from .models import _first_line
+
+    try:
+        handle = safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types and OSError alike
+        raise DepthcutError(f"unreadable safetensors file {path}: {_first_line(e)}") from None
+    with handle as f:
+        yield f
 
 
 class _BlockReader:
@@ -122,11 +131,9 @@ class _BlockReader:
         self.where.setdefault(path, []).append((name, param))
 
     def __call__(self) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         out = {}
         for path, names in self.where.items():
-            with safe_open(path, framework="pt") as f:
+            with _opened(path) as f:
                 out.update({param: f.get_tensor(name) for name, param in names})
         return out
 
@@ -135,12 +142,7 @@ def load_streamed(spec: str, offload: str, dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None):
     """(model, tokenizer) with resident embedding, final norm and head, and blocks streamed
     from ``offload`` (disk: the folder's safetensors; cpu: host memory, for a GPU pass)."""
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .models import (_first_line, _resolve, check_architecture, check_family, check_loading_info,
-                         check_vocabulary, default_device, default_dtype, load_model)
+    from .models import default_device, default_dtype, load_model
 
     if offload not in OFFLOAD:
         raise DepthcutError(f"unknown --offload {offload!r}; choose from {', '.join(OFFLOAD)}")
@@ -158,6 +160,15 @@ def load_streamed(spec: str, offload: str, dtype: torch.dtype | None = None,
         _move_resident(model, device)
         model.depthcut_stream = BlockStream(model.model.layers, sources, device, dtype)
         return model, tokenizer
+    return _load_from_disk(spec, dtype, device)
+
+
+def _load_from_disk(spec: str, dtype: torch.dtype, device: torch.device):
+    """The skeleton on ``meta``, the resident tensors read now, each block's kept as a reader."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .models import _first_line, _resolve, check_architecture, check_family, check_loading_info, check_vocabulary
 
     where, gguf_file = _resolve(spec)
     if gguf_file or not Path(where).is_dir():
@@ -181,7 +192,7 @@ def load_streamed(spec: str, offload: str, dtype: torch.dtype | None = None,
     missing = [k for k in expected if k not in files and not (tied and k == "lm_head.weight")]
     mismatched, resident = [], {}
     for path in sorted(set(files.values())):
-        with safe_open(path, framework="pt") as f:
+        with _opened(path) as f:
             for name in f.keys():
                 if name in expected and list(f.get_slice(name).get_shape()) != list(expected[name].shape):
                     mismatched.append((name, list(f.get_slice(name).get_shape()), list(expected[name].shape)))

@@ -61,6 +61,11 @@ ROWS = [  # (arguments, a fragment of the one-line error)
      "exceed the model's context"),
     (BENCH + ["--new-tokens", "1000"],
      "32-token prompts and 1000 new tokens exceed the model's context of 256 tokens"),
+    # streaming and torchrun-only refusals
+    (["score", M, "--offload", "cpu", "--criteria", "bi"], "--offload cpu keeps the blocks in host memory for a GPU pass"),
+    (["score", "--offload", "disk", "--criteria", "bi"], "--offload disk streams a Hugging Face folder"),
+    (["prune", M, "--offload", "disk", "--remove", "1", "--eval", "--out", "cut"],
+     "--eval with --offload: these need the whole model in memory"),
     # calibration and scoring counts
     (["score", "--n-samples", "0"], "argument --n-samples: must be at least 1, got 0"),
     (["score", "--n-samples", "-3"], "argument --n-samples: must be at least 1, got -3"),

@@ -79,6 +79,9 @@ def test_streaming_refuses_what_it_cannot_stream(tmp_path, tiny_model_dir):
     (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     with pytest.raises(DepthcutError, match="--offload disk needs a safetensors checkpoint"):
         load_streamed(tmp_path, "disk", device="cpu")
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(DepthcutError, match="unreadable safetensors file .*model.safetensors"):
+        load_streamed(tmp_path, "disk", device="cpu")
     streamed, _ = load_streamed(tiny_model_dir, "disk", dtype=torch.float32, device="cpu")
     with pytest.raises(DepthcutError, match="a streamed model computes in the dtype it was loaded in"):
         depthcut.score(streamed, random_tokens(streamed, 2, 9), ["ppl"], dtype=torch.bfloat16, progress=False)
