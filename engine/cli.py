@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a model (e.g. a pruned folder) as a GGUF file for llama.cpp")
     _add_model(p)
     _add_gguf(p, required=True)
+    p.add_argument("--offload", choices=("disk",), help="read one block at a time from the folder's safetensors "
+                                                       "(a model larger than memory)")
     _add_force(p)
     p.set_defaults(func=cmd_export)
 
@@ -403,7 +405,9 @@ def _load(args):
         from .offload import load_streamed
 
         device = default_device()  # a streamed model is loaded in the pass's dtype: no converted copy
-        dtype = _dtype(args.dtype) or compute_dtype(device, default_dtype(device), _dtype(args.compute_dtype))[0]
+        dtype = _dtype(args.dtype)
+        if dtype is None and hasattr(args, "compute_dtype"):  # export has no pass: load_streamed's default
+            dtype = compute_dtype(device, default_dtype(device), _dtype(args.compute_dtype))[0]
         model, tokenizer = load_streamed(args.model, args.offload, dtype=dtype, device=device)
     else:
         model, tokenizer = load_model(args.model, dtype=_dtype(args.dtype))
@@ -504,7 +508,7 @@ def cmd_prune(args):
         check_ratio(args.ratio)  # before the slow load
     if args.offload:
         given = [flag for flag, on in (("--eval", args.eval), ("--eval-tasks", args.eval_tasks),
-                                       ("--retrain", args.retrain), ("--gguf", args.gguf)) if on]
+                                       ("--retrain", args.retrain)) if on]
         if given:
             raise DepthcutError(f"{', '.join(given)} with --offload: these need the whole model in memory; prune "
                                 "and save first, then run them on the saved folder")

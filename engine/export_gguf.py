@@ -12,6 +12,7 @@ member name, so that this module imports without the optional ``gguf`` package.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .gguf_mixes import K_MIXES, LEGACY_TYPES, TensorRole, tensor_type
 from .gguf_tokenizer import GGUFExportError, add_tokenizer, check_name, gguf_tokenizer_pre, require_gguf
 from .legacy_quants import WEIGHTED_TYPES, quantize_weighted
 from .models import FAMILIES
+from .offload import loaded, stream_of
 from .outputs import GGUF_MARK_KEY, WRITTEN_BY, atomic_path
 
 try:
@@ -240,7 +242,7 @@ def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None 
     with atomic_path(path, force=force) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[spec.arch]])
         try:
-            _write(writer, tmp, config, tokenizer, plan, name or path.stem, file_type, tokenizer_pre, family_meta)
+            _write(writer, tmp, model, tokenizer, plan, name or path.stem, file_type, tokenizer_pre, family_meta)
         finally:
             writer.close()
     return path
@@ -256,7 +258,8 @@ def _load_imatrix(imatrix, n_blocks: int):
     return imatrix
 
 
-def _write(writer, tmp, config, tokenizer, plan, name, file_type, tokenizer_pre, family_meta) -> None:
+def _write(writer, tmp, model, tokenizer, plan, name, file_type, tokenizer_pre, family_meta) -> None:
+    config = model.config
     writer.add_string(GGUF_MARK_KEY, WRITTEN_BY)  # right after the architecture: see outputs.py
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.MODEL)
@@ -271,8 +274,28 @@ def _write(writer, tmp, config, tokenizer, plan, name, file_type, tokenizer_pre,
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     slow = any(t.ttype.name.endswith("_K") for t in plan)
-    for t in tqdm(plan, desc="quantising", unit="tensor", disable=not slow, leave=False):
+    for t in tqdm(_in_memory(model, plan), total=len(plan), desc="quantising", unit="tensor", disable=not slow,
+                  leave=False):
         writer.write_tensor_data(_convert(t))
+
+
+def _in_memory(model, plan: list[_Planned]):
+    """The planned tensors with their weights in memory: a streamed model's blocks are loaded
+    one at a time while their tensors are written (docs/DESIGN.md, "Models larger than memory")."""
+    stream = stream_of(model)
+    if stream is None:
+        yield from plan
+        return
+    origin = {id(layer): i for i, layer in enumerate(stream.layers)}
+    for block, group in itertools.groupby(plan, key=lambda t: t.block):
+        if block is None:
+            yield from group
+            continue
+        layer = model.model.layers[block]
+        with loaded(model, origin[id(layer)]):
+            params = dict(layer.named_parameters())
+            for t in group:
+                yield t._replace(tensor=params[t.source.split(".", 3)[3]])
 
 
 def _rope(config) -> dict:
@@ -298,6 +321,8 @@ class _Planned(NamedTuple):
     ttype: "gguf.GGMLQuantizationType"
     offset: float  # added before quantising (the family's norm offset)
     importance: torch.Tensor | None  # [cols] mean x^2 per input channel, for the K types
+    source: str  # Hugging Face parameter name
+    block: int | None  # the block it belongs to, in the file's numbering
 
 
 @functools.lru_cache(maxsize=None)
@@ -362,7 +387,8 @@ def _tensor_plan(model, spec: ArchSpec, qtype: str, imatrix) -> tuple[list[_Plan
                     missing.append(gguf_name)
         # the family's norm offset goes into the file: llama.cpp multiplies by the stored weight
         offset = FAMILIES[config.model_type].norm_offset if target in _NORMS else 0.0
-        plan.append(_Planned(gguf_name, tensor, permute_heads, tuple(tensor.shape), ttype, offset, importance))
+        plan.append(_Planned(gguf_name, tensor, permute_heads, tuple(tensor.shape), ttype, offset, importance,
+                             hf_name, block))
     if fallbacks:
         legacy = qtype in LEGACY_TYPES
         what = f"stored as f16: row length not a multiple of the {qtype.upper()} block" if legacy else \

@@ -73,6 +73,21 @@ def test_a_pruned_streamed_model_saves_tensor_by_tensor(tokenizer, tmp_path, mon
     torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
 
 
+def test_a_pruned_streamed_model_exports_the_same_gguf(tokenizer, tmp_path):
+    pytest.importorskip("gguf")
+    from depthcut.export_gguf import export_gguf
+
+    model = tiny_model("llama", seed=4, vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    whole, tok = depthcut.load_model(tmp_path / "dense", dtype=torch.float32, device="cpu")
+    streamed, _ = load_streamed(tmp_path / "dense", "disk", dtype=torch.float32, device="cpu")
+    for m, out in ((whole, "whole.gguf"), (streamed, "streamed.gguf")):
+        export_gguf(depthcut.prune_blocks(m, [1, 6]), tok, tmp_path / out, "q8_0", name="cut")
+    assert (tmp_path / "whole.gguf").read_bytes() == (tmp_path / "streamed.gguf").read_bytes()
+    assert all(p.device.type == "meta" for p in streamed.model.layers.parameters())
+
+
 def test_streaming_refuses_what_it_cannot_stream(tmp_path, tiny_model_dir):
     with pytest.raises(DepthcutError, match="--offload cpu keeps the blocks in host memory for a GPU pass"):
         load_streamed(tiny_model_dir, "cpu", device="cpu")
