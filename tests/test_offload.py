@@ -64,7 +64,7 @@ def test_a_pruned_streamed_model_saves_tensor_by_tensor(tokenizer, tmp_path, mon
     tokenizer.save_pretrained(tmp_path / "dense")
     streamed, tok = load_streamed(tmp_path / "dense", "disk", dtype=torch.float32, device="cpu")
     depthcut.prune_blocks(streamed, [2, 5])
-    monkeypatch.setattr(offload, "SHARD_BYTES", 100_000)  # several shards and an index
+    monkeypatch.setattr(offload, "MIN_SHARD_BYTES", 100_000)  # several shards (of two blocks) and an index
     depthcut.save_model(streamed, tok, tmp_path / "cut")
     assert len(json.loads((tmp_path / "cut" / "model.safetensors.index.json").read_text())["weight_map"]) > 1
     reloaded, _ = depthcut.load_model(tmp_path / "cut", dtype=torch.float32, device="cpu")
@@ -104,9 +104,9 @@ def test_streaming_refuses_what_it_cannot_stream(tmp_path, tiny_model_dir):
         depthcut.score(streamed, random_tokens(streamed, 2, 9), ["ppl"], scorer="reference", progress=False)
 
 
-# ~3 GB of fp32 weights: 100 blocks of hidden 768 (28 MB each) and a tied 49k-token embedding (151 MB).
-# The process itself (torch, transformers, the tokenizer) takes ~0.57 GB before any weight.
-BIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=100, num_attention_heads=12,
+# 3.55 GB of fp32 weights: 120 blocks of hidden 768 (28 MB each) and a tied 49k-token embedding (151 MB).
+# The process itself (torch, transformers, the tokenizer) takes 0.5-0.6 GB before any weight.
+BIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=120, num_attention_heads=12,
            num_key_value_heads=12, tie_word_embeddings=True, max_position_embeddings=256)
 
 
@@ -153,11 +153,11 @@ def _run_measured(*args) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_3gb_model_scores_and_prunes_in_a_third_of_its_size(tokenizer, tmp_path):
+def test_a_3_5gb_model_scores_and_prunes_in_a_third_of_its_size(tokenizer, tmp_path):
     big = tmp_path / "big"
     big.mkdir()
     size = _write_big_model(big, tokenizer)
-    assert size > 2.9e9
+    assert size > 3.5e9
     common = ["--criteria", "taylor,bi,magnitude", "--n-samples", 2, "--seq-len", 32, "--compute-dtype", "fp32",
               "--max-memory", "64MiB"]
     peak = _run_measured("score", big, *common, "--offload", "disk", "--out", tmp_path / "streamed.json")
@@ -171,10 +171,10 @@ def test_a_3gb_model_scores_and_prunes_in_a_third_of_its_size(tokenizer, tmp_pat
                          "--out", tmp_path / "cut")
     assert peak < size / 3, f"prune peak RSS {peak / 2**30:.2f} GiB for a {size / 2**30:.2f} GiB model"
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
-    assert config["num_hidden_layers"] == 97
+    assert config["num_hidden_layers"] == 117
     index = json.loads((tmp_path / "cut" / "model.safetensors.index.json").read_text())["weight_map"]
     source = json.loads((big / "model.safetensors.index.json").read_text())["weight_map"]
-    old = [i for i in range(100) if i not in (10, 20, 30)]
+    old = [i for i in range(120) if i not in (10, 20, 30)]
     for name, file in index.items():  # every tensor, renumbered, equal to its source; one at a time
         src = name
         if name.startswith("model.layers."):
