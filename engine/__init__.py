@@ -5,6 +5,7 @@ pruner -> retraining -> export or inference::
 
     import depthcut
     model, tokenizer = depthcut.load_model()            # bundled SmolLM2-135M, or a folder/.gguf
+    # larger than memory: depthcut.load_streamed(folder, "disk") keeps one block in memory at a time
     calib = depthcut.Calibration.load(tokenizer)        # 10 x 128 tokens of pydoc text
     scores = depthcut.score(model, calib, ["ppl", "taylor", "magnitude"])
     blocks = scores.select("taylor", 6)                 # "+" heuristic: first 4 / last 2 kept
@@ -18,6 +19,7 @@ from .calibration import Calibration, default_text, read_text, tokenize_windows
 from .errors import DepthcutError
 from .evaluate import perplexity
 from .models import FAMILIES, ModelAdapter, load_model
+from .offload import load_streamed
 from .pruner import blocks_for_ratio, prune_blocks, save_model
 from .retrain import RetrainConfig, RetrainResult, retrain
 from .scores import BlockScores, Protect
@@ -37,6 +39,7 @@ __all__ = [
     "blocks_for_ratio",
     "default_text",
     "load_model",
+    "load_streamed",
     "perplexity",
     "prune_blocks",
     "read_documents",
