@@ -363,7 +363,9 @@ def check_context(config, positions: int, what: str) -> None:
         raise DepthcutError(f"{what} exceed the model's context of {context} tokens")
 
 
-def check_finite(model: nn.Module) -> None:
+def check_finite(model: nn.Module, prefix: str = "") -> None:
+    """Refuse NaN or infinite weights; a streamed model's blocks not in memory (``meta``) are
+    checked as they load, with their ``prefix`` in the message."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise DepthcutError(f"model has NaN or infinite values in {name}")
+        if p.device.type != "meta" and not torch.isfinite(p).all():
+            raise DepthcutError(f"model has NaN or infinite values in {prefix}{name}")

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from .errors import DepthcutError
+from .models import (_first_line, _resolve, check_architecture, check_family, check_finite, check_loading_info,
+                     check_vocabulary, default_device, default_dtype, load_model)
 
 OFFLOAD = ("cpu", "disk")
 LAYERS = "model.layers."
@@ -55,7 +57,10 @@ class BlockStream:
         _fix_malloc_threshold()
 
     def block_bytes(self, i: int) -> int:
-        return sum(t.numel() for t in self.layers[i].parameters()) * torch.finfo(self.dtype).bits // 8
+        return sum(t.numel() for t in self.layers[i].parameters()) * self.dtype.itemsize
+
+    def largest_block_bytes(self) -> int:
+        return max(self.block_bytes(i) for i in range(len(self.layers)))
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
         """Block i's tensors on the device, in the pass's dtype (runs in the prefetch thread)."""
@@ -75,11 +80,6 @@ class BlockStream:
         """Block i's weights in place for the duration; block ``next_i`` is read meanwhile."""
         self.prefetch(i)
         tensors = self.ahead.pop(i).result()
-        if i not in self.checked:
-            for name, t in tensors.items():
-                if not torch.isfinite(t).all():
-                    raise DepthcutError(f"model has NaN or infinite values in {LAYERS}{i}.{name}")
-            self.checked.add(i)
         if self.copies is not None:  # freed after the compute stream's last use, not the copy stream's
             for t in tensors.values():
                 t.record_stream(torch.cuda.current_stream(self.device))
@@ -88,6 +88,13 @@ class BlockStream:
         for p in layer.parameters():
             p.requires_grad_(False)
         del tensors
+        if i not in self.checked:
+            try:
+                check_finite(layer, f"{LAYERS}{i}.")
+            except DepthcutError:
+                layer.to("meta")
+                raise
+            self.checked.add(i)
         self.prefetch(next_i)
         try:
             yield layer
@@ -126,8 +133,6 @@ def _opened(path: Path):
     """A safetensors file, memory-mapped for the duration; a missing or corrupt one is one line."""
     from safetensors import safe_open
 
-    from .models import _first_line
-
     try:
         handle = safe_open(path, framework="pt")
     except Exception as e:  # safetensors raises its own error types and OSError alike
@@ -158,8 +163,6 @@ def load_streamed(spec: str, offload: str, dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None):
     """(model, tokenizer) with resident embedding, final norm and head, and blocks streamed
     from ``offload`` (disk: the folder's safetensors; cpu: host memory, for a GPU pass)."""
-    from .models import default_device, default_dtype, load_model
-
     if offload not in OFFLOAD:
         raise DepthcutError(f"unknown --offload {offload!r}; choose from {', '.join(OFFLOAD)}")
     device = torch.device(device) if device is not None else default_device()
@@ -183,8 +186,6 @@ def _load_from_disk(spec: str, dtype: torch.dtype, device: torch.device):
     """The skeleton on ``meta``, the resident tensors read now, each block's kept as a reader."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .models import _first_line, _resolve, check_architecture, check_family, check_loading_info, check_vocabulary
 
     where, gguf_file = _resolve(spec)
     if gguf_file or not Path(where).is_dir():
@@ -216,10 +217,8 @@ def _load_from_disk(spec: str, dtype: torch.dtype, device: torch.device):
                     resident[name] = f.get_tensor(name).to(dtype)
     check_loading_info({"missing_keys": missing, "unexpected_keys": [k for k in files if k not in expected],
                         "mismatched_keys": mismatched}, spec)
-    for name, t in resident.items():
-        if not torch.isfinite(t).all():
-            raise DepthcutError(f"model has NaN or infinite values in {name}")
     model.load_state_dict(resident, strict=False, assign=True)
+    check_finite(model)  # the resident tensors: the blocks are checked as they load
     if tied:
         model.tie_weights()
     check_vocabulary(model, tokenizer, spec)
@@ -246,16 +245,6 @@ def _move_resident(model, device: torch.device) -> None:
         p.requires_grad_(False)
 
 
-def memory_plan(model, variant_bytes: int) -> dict[str, int]:
-    """What a streamed pass holds: the resident part, two blocks (the running one and the next
-    being read) and the variant stack."""
-    stream = stream_of(model)
-    resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
-    two_blocks = 2 * max(stream.block_bytes(i) for i in range(len(stream.layers)))
-    return {"resident": resident, "two_blocks": two_blocks, "variant_stack": variant_bytes,
-            "total": resident + two_blocks + variant_bytes}
-
-
 MIN_SHARD_BYTES = 16 << 20
 
 
@@ -267,7 +256,7 @@ def save_streamed(model, folder: Path, shard_bytes: int | None = None) -> None:
 
     stream = stream_of(model)
     # A shard is built in memory: two blocks' worth keeps saving within the pass's memory model.
-    shard_bytes = shard_bytes or max(MIN_SHARD_BYTES, 2 * max(stream.block_bytes(i) for i in range(len(stream.layers))))
+    shard_bytes = shard_bytes or max(MIN_SHARD_BYTES, 2 * stream.largest_block_bytes())
     origin = {id(layer): i for i, layer in enumerate(stream.layers)}
     tied = getattr(model.config, "tie_word_embeddings", False)
     items = [(t.numel() * t.element_size(), lambda name=name, t=t: {name: t})
@@ -311,15 +300,14 @@ def check_streaming_fits(model, seq_len: int, criteria: set[str]) -> str:
     config = model.config
     L = config.num_hidden_layers
     streams = (L + 1 if "ppl" in criteria else 1) + (L + 1 if criteria & {"taylor", "angular"} else 0)
-    plan = memory_plan(model, streams * seq_len * config.hidden_size * torch.finfo(stream.dtype).bits // 8)
-    if stream.device.type == "cuda":
-        free = torch.cuda.mem_get_info(stream.device)[0]
-    else:
-        free = _mem_available()
-    need = plan["two_blocks"] + plan["variant_stack"]
+    variant_stack = streams * seq_len * config.hidden_size * stream.dtype.itemsize
+    resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    two_blocks = 2 * stream.largest_block_bytes()  # the running one and the next being read
+    free = torch.cuda.mem_get_info(stream.device)[0] if stream.device.type == "cuda" else _mem_available()
+    need = two_blocks + variant_stack
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-    summary = (f"streaming {L} blocks: resident {gib(plan['resident'])} + two blocks {gib(plan['two_blocks'])} + "
-               f"one window's streams {gib(plan['variant_stack'])} = {gib(plan['total'])} at least "
+    summary = (f"streaming {L} blocks: resident {gib(resident)} + two blocks {gib(two_blocks)} + "
+               f"one window's streams {gib(variant_stack)} = {gib(resident + need)} at least "
                f"(--max-memory bounds the rest)")
     if free is not None and need > free:
         raise DepthcutError(f"streaming needs {gib(need)} beyond the resident weights but only {gib(free)} is free")

@@ -234,7 +234,7 @@ def make_plan(adapter: ModelAdapter, n_windows: int, seq_len: int, dtype: torch.
     boundary for Taylor and angular distance); ``reserved`` bytes are held for the whole pass
     (Taylor's accumulators when the set takes several chunks)."""
     cfg = adapter.config
-    esize = torch.finfo(dtype).bits // 8
+    esize = dtype.itemsize
     hidden = cfg.hidden_size
     budget = max(1, (max_memory or default_budget(device)) - reserved)
     slots = variants
@@ -322,7 +322,7 @@ class SinglePass:
             self.collector.active = False  # _walk_chunk turns it on for the calls that carry slot 0
         with self.collector or nullcontext():
             try:
-                self._walks(calls, input_ids, layer_ids, plan, result, taylor, progress)
+                self._walks(calls, input_ids, chunks, layer_ids, plan, result, taylor, progress)
             finally:
                 for p, flag in flags.items():
                     p.requires_grad_(flag)
@@ -335,12 +335,13 @@ class SinglePass:
         self.taylor_accumulator_bytes = taylor.accumulator_bytes if taylor else 0
         return result
 
-    def _walks(self, calls, input_ids, layer_ids, plan: Plan, result: PassResult, taylor, progress: bool) -> None:
+    def _walks(self, calls, input_ids, chunks: range, layer_ids, plan: Plan, result: PassResult, taylor,
+               progress: bool) -> None:
         """Every chunk's walk; Taylor's backward after each chunk, or (per_block) after all of them."""
-        bar = tqdm(total=len(range(0, len(input_ids), plan.windows_per_chunk)) * len(layer_ids) * (2 if taylor else 1),
-                   desc="single pass", disable=not progress, leave=False)
+        bar = tqdm(total=len(chunks) * len(layer_ids) * (2 if taylor else 1), desc="single pass",
+                   disable=not progress, leave=False)
         waiting: list[_ChunkGrad] = []  # per_block: every chunk's stream, for the block-major backward
-        for start in range(0, len(input_ids), plan.windows_per_chunk):
+        for start in chunks:
             ids = input_ids[start:start + plan.windows_per_chunk].to(self.device)
             stream = self._walk_chunk(calls, ids, layer_ids, plan, result, bar)
             if taylor is None:
@@ -364,8 +365,7 @@ class SinglePass:
         L+1 stream boundaries and gradient until the backward: on a GPU they wait in pinned
         host memory unless they fit the budget. On a CPU both live in the same memory, so
         whichever of per_block and per_chunk needs less is taken."""
-        esize = torch.finfo(self.dtype).bits // 8
-        stored = (len(layer_ids) + 2) * n_windows * seq_len * self.adapter.config.hidden_size * esize
+        stored = (len(layer_ids) + 2) * n_windows * seq_len * self.adapter.config.hidden_size * self.dtype.itemsize
         one = accumulator_bytes(self.adapter, layer_ids, "per_block")
         every = accumulator_bytes(self.adapter, layer_ids, "per_chunk")
         backward = self.several_chunks_backward

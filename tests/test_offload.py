@@ -97,6 +97,15 @@ def test_streaming_refuses_what_it_cannot_stream(tmp_path, tiny_model_dir):
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(DepthcutError, match="unreadable safetensors file .*model.safetensors"):
         load_streamed(tmp_path, "disk", device="cpu")
+    nan = tiny_model("llama", seed=4)
+    with torch.no_grad():
+        nan.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
+    nan.save_pretrained(tmp_path / "nan")
+    save_word_tokenizer(tmp_path / "nan", nan.config.vocab_size)
+    streamed, _ = load_streamed(tmp_path / "nan", "disk", dtype=torch.float32, device="cpu")
+    with pytest.raises(DepthcutError, match=r"NaN or infinite values in model\.layers\.2\.mlp\.up_proj\.weight"):
+        depthcut.score(streamed, random_tokens(streamed, 2, 9), ["bi"], progress=False)
+    assert all(p.device.type == "meta" for p in streamed.model.layers.parameters())  # released all the same
     streamed, _ = load_streamed(tiny_model_dir, "disk", dtype=torch.float32, device="cpu")
     with pytest.raises(DepthcutError, match="a streamed model computes in the dtype it was loaded in"):
         depthcut.score(streamed, random_tokens(streamed, 2, 9), ["ppl"], dtype=torch.bfloat16, progress=False)
