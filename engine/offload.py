@@ -189,8 +189,9 @@ def _load_from_disk(spec: str, dtype: torch.dtype, device: torch.device):
 
     where, gguf_file = _resolve(spec)
     if gguf_file or not Path(where).is_dir():
+        what = f"'{spec}'" if spec else "the bundled SmolLM2 (a .gguf file)"
         raise DepthcutError("--offload disk streams a Hugging Face folder with safetensors files; "
-                            f"'{spec}' is not one (convert it with depthcut prune/save first)")
+                            f"{what} is not one (convert it with depthcut prune/save first)")
     check_architecture(where)
     folder = Path(where)
     files = _safetensors_files(folder)
