@@ -59,6 +59,31 @@ def test_table_names_metrics_and_averages_accuracies_only():
     assert cells == [["a", "50.00", "25.00", "12.5", "37.50"], ["b", "100.00", "", "", "100.00"]]
 
 
+def test_paper_corpora_are_read_by_the_papers_protocol(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--ppl wikitext2,ptb: the test split of each named dataset through `datasets`, rows joined as
+    the paper's evaluation joins them, perplexity over seq-len windows (no network here: the
+    dataset reader is replaced by one that records what was asked and gives a split)."""
+    import datasets
+
+    pieces = [" = Heading = ", "A first paragraph of text .", "", "Another one , with numbers 1 2 3 ."] * 12
+    asked = []
+
+    def load_dataset(path, config=None, split=None):
+        asked.append((path, config, split))
+        return {"text" if path == "wikitext" else "sentence": pieces}
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    out = tmp_path / "e.json"
+    assert run("eval", tiny_model_dir, "--ppl", "wikitext2,ptb", "--seq-len", 16, "--out", out, "--dtype", "fp32") == 0
+    assert asked == [("wikitext", "wikitext-2-raw-v1", "test"), ("ptb-text-only/ptb_text_only", None, "test")]
+    got = json.loads(out.read_text())["models"][0]["results"]
+    model, tokenizer = load_model(tiny_model_dir, dtype=torch.float32)
+    for name, joiner in (("wikitext2", "\n\n"), ("ptb", " ")):
+        windows = tokenize_windows(joiner.join(pieces), tokenizer, 16)
+        assert got[name]["windows"] == len(windows) > 1
+        assert abs(got[name]["value"] - perplexity(model, windows)) < 1e-4 * got[name]["value"]
+
+
 def test_unavailable_data_is_one_line(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "absent.yaml").write_text("task: tiny_absent\ndataset_path: depthcut-tests/not-a-cached-dataset\n"
                                           "test_split: test\noutput_type: loglikelihood\n"
