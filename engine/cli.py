@@ -106,6 +106,7 @@ def _add_calibration(p):
 
 
 def _add_scoring(p):
+    from .models import DEVICE_MAPS
     from .scoring import ANGULAR_TOKENS
 
     g = p.add_argument_group("scoring")
@@ -124,6 +125,9 @@ def _add_scoring(p):
     g.add_argument("--offload", choices=("cpu", "disk"),
                    help="stream each block's weights in just before it runs: from the folder's safetensors (disk) "
                         "or from host memory for a GPU pass (cpu); for models larger than memory")
+    g.add_argument("--device-map", choices=DEVICE_MAPS,
+                   help="spread the blocks over several GPUs by accelerate's placement of that name; the walk "
+                        "carries the variant stack from GPU to GPU")
     g.add_argument("--keep-first", type=_non_negative_int, default=4, help="'+' heuristic: first blocks never pruned")
     g.add_argument("--keep-last", type=_non_negative_int, default=2, help="'+' heuristic: last blocks never pruned")
     g.add_argument("--no-protect", action="store_true", help="switch the '+' heuristic off")
@@ -400,15 +404,22 @@ def _load(args):
     from .models import load_model
 
     t0 = time.perf_counter()
-    if getattr(args, "offload", None):
+    offload, device_map = getattr(args, "offload", None), getattr(args, "device_map", None)
+    if offload and device_map:
+        raise DepthcutError("--offload and --device-map exclude each other: stream the blocks through one device, "
+                            "or spread them over several")
+    if offload or device_map:
         from .models import compute_dtype, default_device, default_dtype
         from .offload import load_streamed
 
-        device = default_device()  # a streamed model is loaded in the pass's dtype: no converted copy
+        device = default_device()  # loaded in the pass's dtype: a streamed or spread model is never copied
         dtype = _dtype(args.dtype)
         if dtype is None and hasattr(args, "compute_dtype"):  # export has no pass: load_streamed's default
             dtype = compute_dtype(device, default_dtype(device), _dtype(args.compute_dtype))[0]
-        model, tokenizer = load_streamed(args.model, args.offload, dtype=dtype, device=device)
+        if offload:
+            model, tokenizer = load_streamed(args.model, offload, dtype=dtype, device=device)
+        else:
+            model, tokenizer = load_model(args.model, dtype=dtype, device_map=device_map)
     else:
         model, tokenizer = load_model(args.model, dtype=_dtype(args.dtype))
     print(f"loaded {model.config.model_type} with {model.config.num_hidden_layers} blocks "
@@ -512,6 +523,9 @@ def cmd_prune(args):
         if given:
             raise DepthcutError(f"{', '.join(given)} with --offload: these need the whole model in memory; prune "
                                 "and save first, then run them on the saved folder")
+    if args.device_map and args.retrain:
+        raise DepthcutError("--retrain with --device-map: retraining runs on one device; prune and save first, "
+                            "then retrain the saved folder")
     t = _training_args(args, "retrain-")
     plan = _training_plan(t, args.retrain) if args.retrain else None
     if not args.retrain:

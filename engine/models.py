@@ -97,6 +97,17 @@ class ModelAdapter:
         w = self.model.lm_head.weight
         return w if self.logit_divisor == 1.0 else w / self.logit_divisor
 
+    def block_device(self, i: int, compute: torch.device) -> torch.device:
+        """Where block i runs: its weights' device (several under a device map), or ``compute``
+        when they are streamed in and sit on the meta device until then."""
+        where = next(self.layers[i].parameters()).device
+        return compute if where.type == "meta" else where
+
+    @property
+    def head_device(self) -> torch.device:
+        """Where the final norm and the head run (the last device of a device map)."""
+        return self.model.lm_head.weight.device
+
     def block_parameters(self, i: int) -> dict[str, nn.Parameter]:
         """Every weight tensor of block i (projections, norms, biases): what Taylor and Mag sum."""
         return dict(self.layers[i].named_parameters())
@@ -123,6 +134,9 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise DepthcutError(f"default model file missing: {path}")
     return path
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placements
 
 
 def default_device() -> torch.device:
@@ -284,13 +298,16 @@ def load_model(
     spec: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    device_map: str | None = None,
 ):
     """Load (model, tokenizer) from a folder, hub name or ``.gguf`` file; None = bundled SmolLM2.
 
     A GGUF model is dequantised; its ``quantization_config`` is dropped so the pruned
     model can be saved. The architecture is checked before transformers reads the folder, and
     no code from the folder ever runs. Missing, surplus or misshapen weights, non-finite
-    weights and a tokenizer larger than the embedding are refused.
+    weights and a tokenizer larger than the embedding are refused. ``device_map`` (one of
+    DEVICE_MAPS, accelerate's placements) spreads the blocks over the GPUs instead of putting
+    the model on ``device`` (docs/DESIGN.md, "Several GPUs in one process").
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -300,12 +317,15 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise DepthcutError(f"unknown device map {device_map!r}; choose from {', '.join(DEVICE_MAPS)}")
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=False, **kwargs)
         check_family(config)
+        placed = {"device_map": device_map} if device_map else {}
         model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False,
                                                            output_loading_info=True, ignore_mismatched_sizes=True,
-                                                           **kwargs)
+                                                           **kwargs, **placed)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kwargs)
         if reader is not None:
             set_gguf_special_tokens(tokenizer, reader)
@@ -316,9 +336,23 @@ def load_model(
     check_loading_info(info, spec or where)
     check_vocabulary(model, tokenizer, spec or where)
     drop_quantization_config(model)
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    else:
+        check_placement(model, spec or where)
+    model.eval()
     check_finite(model)
     return model, tokenizer
+
+
+def check_placement(model, name) -> None:
+    """A device map must put every part on a GPU: accelerate would run parts placed on the CPU or
+    disk from there, weights copied in at every call; ``--offload`` streams blocks with a memory
+    model instead (docs/DESIGN.md, "Models larger than memory")."""
+    spilled = set(getattr(model, "hf_device_map", {}).values()) & {"cpu", "disk"}
+    if spilled and torch.cuda.is_available():
+        raise DepthcutError(f"model '{name}' does not fit the GPUs (the device map put parts on "
+                            f"{' and '.join(sorted(spilled))}): use --offload cpu or --offload disk")
 
 
 def check_loading_info(info: dict, name) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum, my_windows, rank_and_size
@@ -58,7 +59,10 @@ class BlockCalls:
         def capture(module, args, kwargs):
             self.args.append(tuple(args[1:]))
             self.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if len(self.args) == adapter.num_blocks:
+                raise _Stop  # the final norm may sit on another device (a device map)
 
+        self.args_device = [device] * adapter.num_blocks
         hooks = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in adapter.layers]
         for layer in adapter.layers:  # the probe needs the arguments only: blocks pass it through
             layer.forward = _pass_through
@@ -66,6 +70,8 @@ class BlockCalls:
             with torch.no_grad():
                 adapter.model.model(input_ids=torch.zeros(1, seq_len, dtype=torch.long, device=device),
                                     use_cache=False)
+        except _Stop:
+            pass
         finally:
             for h in hooks:
                 h.remove()
@@ -90,6 +96,10 @@ class BlockCalls:
         return captured[0]
 
     def __call__(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self.args_device[i] != hidden.device:  # a device map: the block's masks and rotary tables follow once
+            self.args[i], self.kwargs[i] = tree_map(lambda v: v.to(hidden.device) if torch.is_tensor(v) else v,
+                                                    (self.args[i], self.kwargs[i]))
+            self.args_device[i] = hidden.device
         return block_output(self.adapter.layers[i](hidden, *self.args[i], **self.kwargs[i]))
 
 
@@ -272,17 +282,23 @@ class SinglePass:
         if several_chunks_backward not in (None, "per_block", "per_chunk"):
             raise DepthcutError(f"unknown Taylor backward {several_chunks_backward!r}")
         self.several_chunks_backward = several_chunks_backward
-        if dtype is not None and dtype != next(model.parameters()).dtype:
-            if stream_of(model) is not None:
-                raise DepthcutError(f"a streamed model computes in the dtype it was loaded in "
-                                    f"({next(model.parameters()).dtype}); load it in {dtype}")
-            model = copy.deepcopy(model).to(dtype)
+        self.device = next(model.parameters()).device  # the embedding's: the walk starts there
         self.adapter = ModelAdapter(model)
+        self.block_devices = [self.adapter.block_device(i, self.device) for i in range(self.adapter.num_blocks)]
+        self.norm_device = next((p.device for p in self.adapter.final_norm.parameters()), self.adapter.head_device)
+        several = len({*self.block_devices, self.device, self.norm_device, self.adapter.head_device}) > 1
+        if dtype is not None and dtype != next(model.parameters()).dtype:
+            if stream_of(model) is not None or several:
+                raise DepthcutError(f"a {'device-mapped' if several else 'streamed'} model computes in the dtype it "
+                                    f"was loaded in ({next(model.parameters()).dtype}); load it in {dtype}")
+            model = copy.deepcopy(model).to(dtype)
+            self.adapter = ModelAdapter(model)
+        if several and max_memory is None:  # the stack visits every device: the tightest one sets the budget
+            max_memory = min(default_budget(d) for d in {*self.block_devices, self.device})
         self.criteria = criteria
         self.windows = tuple(sorted(set(windows)))
         self.angular_tokens = angular_tokens
         self.max_memory = max_memory
-        self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
     def run(self, input_ids: torch.Tensor, layer_ids: list[int] | None = None, progress: bool = True) -> PassResult:
@@ -389,8 +405,10 @@ class SinglePass:
         buf[0] = h
         keep = self.taylor_store if "taylor" in self.criteria and not self.windows else self.device
         stream = [_copy_to(h, keep)] if ("taylor" in self.criteria or self.windows) else None
-        cos_sum = torch.zeros(L, dtype=torch.float64, device=self.device)
+        cos_sums = []
         for pos, i in enumerate(layer_ids):
+            if buf.device != self.block_devices[i]:  # a device map: the stack follows the blocks
+                buf = buf.to(self.block_devices[i])
             live = min(pos + 1, plan.variants)
             if plan.variants > 1:
                 # Slot pos+1 ("block pos skipped") is not live yet: it takes the full stream's
@@ -409,13 +427,13 @@ class SinglePass:
                     e = s + group if plan.fixed_shapes else min(s + group, live)
                     out = calls(i, buf[s:e].view(-1, t, buf.shape[-1])).view(e - s, n, t, -1)
                     buf[s:min(e, live)] = out[:min(e, live) - s]
-            cos_sum[pos] = _cos(h_in, buf[0]).sum()
+            cos_sums.append(_cos(h_in, buf[0]).sum())
             if stream is not None:
                 stream.append(_copy_to(buf[0], keep, clone=True))
             bar.update()
         if self.collector is not None:
             self.collector.active = False  # the head and the Taylor backward's recomputation do not count
-        result.bi = _add(result.bi, cos_sum.cpu())
+        result.bi = _add(result.bi, torch.stack([c.cpu() for c in cos_sums]))
         ends = stream if self.angular_tokens == "all" else self._pruneme_view(stream)
         for w in self.windows:
             ang = torch.stack([(torch.arccos(_cos(ends[p], ends[p + w]).clamp(-1, 1)) / math.pi).sum()
@@ -428,12 +446,14 @@ class SinglePass:
         """PruneMe's convention (docs/DESIGN.md, "Criteria"): each window's last token only, and
         the last block's output after the final norm, as Hugging Face's hidden_states give it."""
         ends = [h[:, -1] for h in stream]
-        ends[-1] = self.adapter.final_norm(ends[-1])
+        ends[-1] = self.adapter.final_norm(ends[-1].to(self.norm_device)).to(ends[-2].device)
         return ends
 
     def _head(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        normed = self.adapter.final_norm(hidden[:, :-1]).flatten(0, 1)
-        return linear_nll(normed, self.adapter.lm_head_weight.detach(), targets.flatten(), self.adapter.logit_softcap)
+        head = self.adapter.head_device
+        normed = self.adapter.final_norm(hidden[:, :-1].to(self.norm_device)).to(head).flatten(0, 1)
+        return linear_nll(normed, self.adapter.lm_head_weight.detach(), targets.flatten().to(head),
+                          self.adapter.logit_softcap)
 
     def _variant_nll(self, variants: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Summed NLL of every variant: [V]; groups of variants share one kernel call."""
@@ -449,7 +469,7 @@ class SinglePass:
     def _head_grad(self, stream: list[torch.Tensor], ids: torch.Tensor, count: int) -> _ChunkGrad:
         """∂(Σ NLL / count)/∂h_L for one chunk, through the final norm and the fused head."""
         with torch.enable_grad():
-            h = stream[-1].to(self.device).detach().requires_grad_(True)
+            h = stream[-1].to(self.norm_device).detach().requires_grad_(True)
             (self._head(h, ids[:, 1:]).sum() / count).backward()
         return _ChunkGrad(stream, h.grad)
 
@@ -466,14 +486,16 @@ class SinglePass:
     def _backward_block(self, calls, chunks: list[_ChunkGrad], pos: int, i: int, taylor: TaylorAccumulator,
                         first_order: torch.Tensor, bar) -> None:
         """Every chunk through block i's backward, then block i's Taylor sums are complete."""
+        dev = self.block_devices[i]
         for chunk in chunks:
-            h_out = chunk.stream.pop().to(self.device, non_blocking=True)  # h_{pos+1}: its last use
-            grad, h_in = (t.to(self.device, non_blocking=True) for t in (chunk.grad, chunk.stream[pos]))
+            h_out = chunk.stream.pop().to(dev, non_blocking=True)  # h_{pos+1}: its last use
+            grad, h_in = (t.to(dev, non_blocking=True) for t in (chunk.grad, chunk.stream[pos]))
             first_order[pos] += (grad.float() * (h_out - h_in).float()).sum().item()
             x = h_in.detach().requires_grad_(True)
             with taylor.recording(pos, i):
                 calls(i, x).backward(grad)
-            chunk.grad = x.grad if chunk.grad.device == x.device else chunk.grad.copy_(x.grad, non_blocking=True)
+            waits_on_host = self.taylor_store.type == "cpu" and self.device.type != "cpu"
+            chunk.grad = chunk.grad.copy_(x.grad, non_blocking=True) if waits_on_host else x.grad
             bar.update()
         taylor.block_done(pos)
 
