@@ -46,7 +46,8 @@ except ImportError:
     sys.exit("needs llama-cpp-python: make llama-cpp")
 
 FTYPES = {"q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L", "q4_k_s": "Q4_K_S",
-          "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
+          "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "iq4_nl": "IQ4_NL",
+          "iq4_xs": "IQ4_XS"}
 
 
 def llama_cpp_quantize(src: Path, dst: Path, mix: str, threads: int, imatrix=None) -> float:

@@ -16,19 +16,7 @@
 #include <limits>
 #include <string>
 
-// a * b + c must round twice, as numpy does: no contraction into FMA.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define DC_MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define DC_MULTIVERSION
-#endif
-#define DC_INLINE inline __attribute__((always_inline))
+#include "quant_blocks.h"
 
 namespace {
 
@@ -53,25 +41,6 @@ const Format& format_of(const std::string& qtype) {
   for (const Format& f : kFormats)
     if (qtype == f.name) return f;
   TORCH_CHECK(false, "quantize_kquant: unknown K-quant type '", qtype, "'");
-}
-
-// Sum of a[0..N) by halving (N a power of two): the order of tree_sum in kquants.py.
-template <int N>
-DC_INLINE float tree_sum(const float* a) {
-  float t[N / 2];
-  for (int i = 0; i < N / 2; ++i) t[i] = a[i] + a[i + N / 2];
-  for (int h = N / 4; h >= 1; h /= 2)
-    for (int i = 0; i < h; ++i) t[i] = t[i] + t[i + h];
-  return t[0];
-}
-
-DC_INLINE float clampf(float v, float lo, float hi) { return std::min(std::max(v, lo), hi); }
-
-// np.clip(np.rint(v), lo, hi) for integer bounds: clamp, then round half to even by adding and
-// taking away 1.5 * 2^23 (no libm call on baseline x86-64, where nearbyint is one).
-DC_INLINE float round_clamped(float v, float lo, float hi) {
-  constexpr float kMagic = 12582912.0f;
-  return (clampf(v, lo, hi) + kMagic) - kMagic;
 }
 
 float offset(const Format& f, int k) { return static_cast<float>(f.start + f.step * k); }
@@ -135,14 +104,6 @@ DC_MULTIVERSION void fit_asymmetric(const float* x, const float* w, const Format
   }
 }
 
-// Index of the first largest |v[i]|.
-int peak_index(const float* v, int n) {
-  int p = 0;
-  for (int i = 1; i < n; ++i)
-    if (std::fabs(v[i]) > std::fabs(v[p])) p = i;
-  return p;
-}
-
 // Signed scale maximising (sum w x q)^2 / sum w q^2; fit_symmetric in kquants.py.
 template <int n>
 DC_MULTIVERSION float fit_symmetric(const float* x, const float* w, const Format& f) {
@@ -172,21 +133,12 @@ DC_MULTIVERSION float fit_symmetric(const float* x, const float* w, const Format
   return scale;
 }
 
-// fp16 of v, +0 for -0 (as _half in kquants.py).
-c10::Half half_of(float v) { return c10::Half(v + 0.0f); }
-
 float code(float v, float d, int lo, int hi) {
   return d != 0.0f ? round_clamped(v / d, static_cast<float>(lo), static_cast<float>(hi)) : 0.0f;
 }
 
-void put_half(uint8_t* dst, c10::Half h) {
-  const uint16_t bits = h.x;
-  dst[0] = static_cast<uint8_t>(bits & 0xFF);
-  dst[1] = static_cast<uint8_t>(bits >> 8);
-}
-
 // Packs levels q[groups * per * span] (per = 8 / width values a byte) into groups * span bytes:
-// element g*per*span + p*span + j goes to byte g*span + j at bit p*width (_bits in kquants.py).
+// element g*per*span + p*span + j goes to byte g*span + j at bit p*width (pack_bits in kquants.py).
 void pack_bits(const uint8_t* q, int count, int groups, int width, uint8_t* dst) {
   const int per = 8 / width, span = count / groups / per;
   for (int g = 0; g < groups; ++g)
@@ -205,8 +157,6 @@ void pack_6bit(const uint8_t* sc, const uint8_t* mn, uint8_t* dst) {
     dst[j + 8] = static_cast<uint8_t>((sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4));
   }
 }
-
-constexpr float kHalfMax = 65504.0f;
 
 // Levels of one sub-block x[SUB] on step (less shift when kShift) and their weighted squared errors e.
 template <int SUB, bool kShift>

@@ -1,6 +1,6 @@
 // Operator schemas of the depthcut library and the Python module stub.
 // Device kernels register themselves in cpu_ops.cpp, cpu_kl_ops.cpp, cpu_decode.cpp, decode_linear.cpp,
-// cpu_kquants.cpp and cuda_ops.cu.
+// cpu_kquants.cpp, cpu_legacy_quants.cpp, cpu_iquants.cpp and cuda_ops.cu.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -51,6 +51,12 @@ TORCH_LIBRARY(depthcut, m) {
   // GGML K-quant super-blocks (qtype q2_k ... q6_k) of fp32 weight [rows, cols], cols a multiple of 256:
   // uint8 [rows, bytes per row]; importance: fp32 [cols] column weights of the squared error (CPU only).
   m.def("quantize_kquant(Tensor weight, str qtype, Tensor? importance=None) -> Tensor");
+  // GGML IQ4_NL blocks (32) or IQ4_XS super-blocks (256) of fp32 weight [rows, cols] (cpu_iquants.cpp):
+  // uint8 [rows, bytes per row]; importance as for quantize_kquant (CPU only).
+  m.def("quantize_iquant(Tensor weight, str qtype, Tensor? importance=None) -> Tensor");
+  // GGML legacy blocks of 32 (qtype q4_0, q4_1, q5_0, q5_1, q8_0) of fp32 weight [rows, cols]: llama.cpp's
+  // round-to-nearest, or with importance (q4_0, q5_0, q5_1) the weighted scale search (CPU only).
+  m.def("quantize_legacy(Tensor weight, str qtype, Tensor? importance=None) -> Tensor");
 }
 
 // `import depthcut._C` only has to load the shared object: the ops live in torch.ops.depthcut.

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import legacy_quants
 from .gguf_mixes import K_MIXES, LEGACY_TYPES, TensorRole, tensor_type
-from .gguf_tokenizer import GGUFExportError, add_tokenizer, check_name, gguf_tokenizer_pre, require_gguf
-from .legacy_quants import WEIGHTED_TYPES, quantize_weighted
+from .gguf_tokenizer import (GGUFExportError, add_tokenizer, check_name, gguf_tokenizer_pre, new_writer,
+                             require_gguf)
+from .legacy_quants import LEGACY_QUANT_TYPES, WEIGHTED_TYPES
 from .models import FAMILIES
 from .offload import loaded, stream_of
 from .outputs import GGUF_MARK_KEY, WRITTEN_BY, atomic_path
@@ -240,7 +242,7 @@ def export_gguf(model, tokenizer, path, qtype: str = "f16", *, name: str | None 
         family_meta = [*family_meta, ("add_array", FALLBACKS_KEY, fallbacks)]
 
     with atomic_path(path, force=force) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[spec.arch]])
+        writer = new_writer(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[spec.arch]])
         try:
             _write(writer, tmp, model, tokenizer, plan, name or path.stem, file_type, tokenizer_pre, family_meta)
         finally:
@@ -273,7 +275,7 @@ def _write(writer, tmp, model, tokenizer, plan, name, file_type, tokenizer_pre, 
     writer.write_header_to_file(tmp)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    slow = any(t.ttype.name.endswith("_K") for t in plan)
+    slow = any(t.ttype.name.endswith("_K") or t.ttype.name.startswith("IQ") for t in plan)  # searched types
     for t in tqdm(_in_memory(model, plan), total=len(plan), desc="quantising", unit="tensor", disable=not slow,
                   leave=False):
         writer.write_tensor_data(_convert(t))
@@ -377,11 +379,11 @@ def _tensor_plan(model, spec: ArchSpec, qtype: str, imatrix) -> tuple[list[_Plan
         else:
             is_head = target == "OUTPUT" or (tied and target == "TOKEN_EMBD")
             role = TensorRole(base.split(".")[-1], tensor.shape[-1], block, is_head)
-            name, note = tensor_type(qtype, role, n_blocks, n_gqa)
+            name, note = tensor_type(qtype, role, n_blocks, n_gqa, has_imatrix=imatrix is not None)
             ttype = Q[name]
             if note:
                 fallbacks.append(f"{gguf_name}: {note}")
-            if imatrix is not None and (name.endswith("_K") or name in WEIGHTED_TYPES):
+            if imatrix is not None and (name.endswith("_K") or name.startswith("IQ4") or name in WEIGHTED_TYPES):
                 importance = imatrix.importance(gguf_name, tensor.shape[-1])
                 if importance is None and block is not None:
                     missing.append(gguf_name)
@@ -392,7 +394,7 @@ def _tensor_plan(model, spec: ArchSpec, qtype: str, imatrix) -> tuple[list[_Plan
     if fallbacks:
         legacy = qtype in LEGACY_TYPES
         what = f"stored as f16: row length not a multiple of the {qtype.upper()} block" if legacy else \
-            "stored in a legacy type: row length not a multiple of 256"
+            "stored in a fallback type: row length not a multiple of the type's block (256 for K types)"
         warnings.warn(f"{len(fallbacks)} tensors {what} ({', '.join(fallbacks[:4])}{', ...' if len(fallbacks) > 4 else ''})")
     if missing:
         warnings.warn(f"the importance matrix has no entry for {len(missing)} tensors ({', '.join(missing[:4])}"
@@ -417,13 +419,17 @@ def _convert(t: _Planned) -> np.ndarray:
         data = data + np.float32(t.offset)
     if t.permute_heads is not None:
         data = _interleave_rope_rows(data, t.permute_heads)
+    if t.ttype.name.startswith("IQ4"):
+        from . import iquants
+
+        return iquants.quantize(torch.from_numpy(np.ascontiguousarray(data)), t.ttype.name.lower(), t.importance)
     if t.ttype.name.endswith("_K"):
         from . import kquants
 
         return kquants.quantize(torch.from_numpy(np.ascontiguousarray(data)), t.ttype.name.lower(), t.importance)
-    if t.importance is not None:
-        return quantize_weighted(data, t.ttype.name, t.importance.numpy())
-    return gguf.quants.quantize(data, t.ttype)
+    if t.ttype.name in LEGACY_QUANT_TYPES:
+        return legacy_quants.quantize(np.ascontiguousarray(data), t.ttype.name, t.importance)
+    return gguf.quants.quantize(data, t.ttype)  # F16, BF16, F32
 
 
 def _interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

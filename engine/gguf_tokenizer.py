@@ -7,10 +7,14 @@ GGUF work without it, and the GGUF entry points call ``require_gguf`` to say wha
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import struct
 import warnings
 from pathlib import Path
+
+import numpy as np
 
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
@@ -20,6 +24,37 @@ try:
     import gguf
 except ImportError:  # optional: see require_gguf
     gguf = None
+
+_U64 = struct.Struct("<Q")
+
+
+def new_writer(path, arch: str) -> gguf.GGUFWriter:
+    """A GGUF writer whose long metadata arrays are packed in one pass (`_ArrayPacking`)."""
+    require_gguf()
+    return _ArrayPacking(path, arch)
+
+
+if gguf is not None:
+    class _ArrayPacking(gguf.GGUFWriter):
+        """gguf's writer, packing arrays of plain str, int or float in one pass: the stock writer
+        makes a struct call per item, a third of a small model's export time with a 50k-token
+        vocabulary and its merges. The bytes are the stock writer's (tests/test_export_gguf.py)."""
+
+        _FAST = {str: "STRING", int: "INT32", float: "FLOAT32"}  # what gguf infers for these item types
+
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            kinds = {type(v) for v in val} if vtype == gguf.GGUFValueType.ARRAY and sub_type is None else set()
+            if len(kinds) != 1 or not val or self.endianess != gguf.GGUFEndian.LITTLE:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            kind = self._FAST.get(kinds.pop())
+            if kind is None:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            ltype = gguf.GGUFValueType[kind]
+            head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val))
+            if kind == "STRING":
+                encoded = [v.encode("utf-8") for v in val]
+                return head + b"".join(itertools.chain.from_iterable(zip(map(_U64.pack, map(len, encoded)), encoded)))
+            return head + np.asarray(val, dtype="<i4" if kind == "INT32" else "<f4").tobytes()
 
 
 class GGUFExportError(DepthcutError, ValueError):

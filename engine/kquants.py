@@ -8,6 +8,7 @@ CUDA version. See docs/DESIGN.md, "K-quant quantisers".
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,21 +72,34 @@ def _format(qtype: str) -> Format:
     return FORMATS[qtype]
 
 
-def prepare(op: str, weight, qtype: str, importance=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Checks the inputs; returns the fp32 CPU weight and the column weights (importance over
-    its mean, floored at IMPORTANCE_FLOOR; None without importance or when it is all zero)."""
-    _format(qtype)
+def checked_weight(op: str, weight, qtype: str, block: int, limit: float = math.inf) -> torch.Tensor:
+    """``weight`` as a contiguous fp32 CPU tensor, after checking it is 2-D, float, ``block``-aligned
+    rows, finite and within ±``limit`` (one min/max pass: NaN and inf show in it)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
         raise DepthcutError(f"{op}: weight must be a 2-D float tensor, got "
                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    rows, cols = weight.shape
-    if cols == 0 or cols % QK_K:
-        raise DepthcutError(f"{op}: {qtype} needs rows a positive multiple of {QK_K} long, got {cols} columns")
+    cols = weight.shape[1]
+    if cols == 0 or cols % block:
+        raise DepthcutError(f"{op}: {qtype} needs rows a positive multiple of {block} long, got {cols} columns")
     w = weight.detach().to("cpu", torch.float32).contiguous()
-    if w.numel() and not bool(torch.isfinite(w).all()):
-        raise DepthcutError(f"{op}: weight holds NaN or infinite values")
-    if w.numel() and float(w.abs().max()) > FP16_MAX:
-        raise DepthcutError(f"{op}: weights beyond ±{FP16_MAX:g} cannot be stored with fp16 block scales")
+    if w.numel():
+        low, high = (float(v) for v in torch.aminmax(w))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise DepthcutError(f"{op}: weight holds NaN or infinite values")
+        if max(-low, high) > limit:
+            raise DepthcutError(f"{op}: weights beyond ±{limit:g} cannot be stored with fp16 block scales")
+    return w
+
+
+def prepare(op: str, weight, qtype: str, importance=None, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Checks the inputs; returns the fp32 CPU weight and the column weights (importance over
+    its mean, floored at IMPORTANCE_FLOOR; None without importance or when it is all zero).
+    ``block``: the row multiple of a qtype the caller has checked (iquants); None for a K type."""
+    if block is None:
+        _format(qtype)
+        block = QK_K
+    w = checked_weight(op, weight, qtype, block, FP16_MAX)
+    cols = w.shape[1]
     if importance is None:
         return w, None
     if not isinstance(importance, torch.Tensor) or tuple(importance.shape) != (cols,):
@@ -106,9 +120,9 @@ def quantize(weight: torch.Tensor, qtype: str, importance: torch.Tensor | None =
     weight [rows, cols] of any float dtype; importance [cols] >= 0 (Σx² per input channel,
     as llama.cpp's imatrix) weights each column's squared error.
     """
-    from .ops import quantize_kquant
+    from .ops import quantize_blocks
 
-    return quantize_kquant(weight, qtype, importance).numpy()
+    return quantize_blocks("quantize_kquant", weight, qtype, importance).numpy()
 
 
 def quantize_reference(weight: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> np.ndarray:
@@ -120,17 +134,24 @@ def quantize_reference(weight: torch.Tensor, qtype: str, importance: torch.Tenso
 # ----------------------------------------------------------------------------- the numpy recipe
 
 
-def reference_blocks(w: torch.Tensor, qtype: str, colw: torch.Tensor | None, chunk: int = 1 << 20) -> np.ndarray:
-    """Quantises checked inputs (see `prepare`), about `chunk` weights at a time."""
+def reference_blocks(w: torch.Tensor, qtype: str, colw: torch.Tensor | None) -> np.ndarray:
+    """Quantises checked inputs (see `prepare`)."""
+    return blockwise(w, colw, QK_K, row_bytes(qtype, w.shape[1]), lambda x, cw: _blocks(x, cw, qtype))
+
+
+def blockwise(w: torch.Tensor, colw: torch.Tensor | None, block: int, out_bytes: int, blocks,
+              chunk: int = 1 << 20) -> np.ndarray:
+    """uint8 [rows, out_bytes]: ``blocks(x [n, block], column weights [n, block] or None)`` over
+    the rows of w [rows, cols], about ``chunk`` weights at a time (bounded numpy temporaries)."""
     rows, cols = w.shape
-    out = np.empty((rows, row_bytes(qtype, cols)), np.uint8)
+    out = np.empty((rows, out_bytes), np.uint8)
     x = w.numpy()
     c = None if colw is None else colw.numpy()
     step = max(1, chunk // cols)
     for r0 in range(0, rows, step):
-        part = x[r0:r0 + step].reshape(-1, QK_K)
-        cw = None if c is None else np.broadcast_to(c, (len(part) * QK_K // cols, cols)).reshape(-1, QK_K)
-        out[r0:r0 + step] = _blocks(part, cw, qtype).reshape(-1, out.shape[1])
+        part = x[r0:r0 + step].reshape(-1, block)
+        cw = None if c is None else np.broadcast_to(c, (len(part) * block // cols, cols)).reshape(-1, block)
+        out[r0:r0 + step] = blocks(part, cw).reshape(-1, out_bytes)
     return out
 
 
@@ -208,13 +229,13 @@ def fit_symmetric(x: np.ndarray, w: np.ndarray, fmt: Format) -> np.ndarray:
     return scale
 
 
-def _code(v: np.ndarray, d: np.ndarray, lo: int, hi: int) -> np.ndarray:
+def step_codes(v: np.ndarray, d: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Integer codes of values v [n, k] on the fp16 step d [n] (0 where d is 0)."""
     ok = d != 0
     return np.where(ok[:, None], np.clip(np.rint(v / _safe(d, ok)[:, None]), lo, hi), F32(0.0))
 
 
-def _half(v: np.ndarray) -> np.ndarray:
+def fp16(v: np.ndarray) -> np.ndarray:
     """fp16 of v, with +0 for −0 (so equal inputs give equal bytes whatever order found them)."""
     return (v + F32(0.0)).astype(np.float16)
 
@@ -251,8 +272,8 @@ def refit_steps(x, w, ls, lm, d, dmin, fmt: Format):
         nm = (sab * sxa - saa * sxb) / _safe(det, ok)
         ok = ok & (nd > 0) & (nm >= 0) & (nm <= F32(FP16_MAX))
     ok = ok & (np.abs(nd) <= F32(FP16_MAX))
-    d2 = np.where(ok, _half(np.where(ok, nd, F32(0.0))), d)
-    m2 = None if lm is None else np.where(ok, _half(np.where(ok, nm, F32(0.0))), dmin)
+    d2 = np.where(ok, fp16(np.where(ok, nd, F32(0.0))), d)
+    m2 = None if lm is None else np.where(ok, fp16(np.where(ok, nm, F32(0.0))), dmin)
     q2, err2 = _levels(x, w, ls, lm, d2, m2, fmt)
     take = err2 < err
     q = np.where(take[:, None], q2, q)
@@ -275,20 +296,20 @@ def choose_codes(x, w, s, m, fmt: Format):
         lm = dmin = None
     else:
         peak, mpeak = s.max(-1), m.max(-1)
-        dmin = _half(mpeak / F32(fmt.shi))
-        lm = _code(m, dmin.astype(F32), 0, fmt.shi)
+        dmin = fp16(mpeak / F32(fmt.shi))
+        lm = step_codes(m, dmin.astype(F32), 0, fmt.shi)
     best = np.full(len(x), np.inf, F32)
     d = ls = None
     for c in STEP_SHRINK:
-        dc = _half(peak / (F32(fmt.slo) + F32(c) if fmt.symmetric else F32(fmt.shi) - F32(c)))
-        lsc = _code(s, dc.astype(F32), lo, fmt.shi)
+        dc = fp16(peak / (F32(fmt.slo) + F32(c) if fmt.symmetric else F32(fmt.shi) - F32(c)))
+        lsc = step_codes(s, dc.astype(F32), lo, fmt.shi)
         _, err = _levels(x, w, lsc, lm, dc, dmin, fmt)
         take = err < best
         best, d, ls = np.where(take, err, best), dc if d is None else _pick(take, dc, d), \
             lsc if ls is None else _pick(take, lsc, ls)
     for c in STEP_SHRINK[1:] if lm is not None else ():
-        mc = _half(mpeak / (F32(fmt.shi) - F32(c)))
-        lmc = _code(m, mc.astype(F32), 0, fmt.shi)
+        mc = fp16(mpeak / (F32(fmt.shi) - F32(c)))
+        lmc = step_codes(m, mc.astype(F32), 0, fmt.shi)
         _, err = _levels(x, w, ls, lmc, d, mc, fmt)
         take = err < best
         best, dmin, lm = np.where(take, err, best), _pick(take, mc, dmin), _pick(take, lmc, lm)
@@ -315,7 +336,7 @@ def _blocks(x: np.ndarray, colw: np.ndarray | None, qtype: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- GGML byte layouts
 
 
-def _bits(q: np.ndarray, groups: int, width: int) -> np.ndarray:
+def pack_bits(q: np.ndarray, groups: int, width: int) -> np.ndarray:
     """Packs q [n, groups * per_byte * span] into bytes: element g·P·S + p·S + j goes to byte
     g·S + j at bit p·width, with P = 8 // width values per byte and S bytes per group."""
     n = len(q)
@@ -337,11 +358,11 @@ def _pack_6bit(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
 def _pack_q3_scales(u: np.ndarray) -> np.ndarray:
     """The 12 scale bytes of Q3_K: sixteen 6-bit codes, low nibbles then high bit pairs."""
     low = (u[:, :8] & 15) | ((u[:, 8:] & 15) << 4)
-    high = _bits(u >> 4, 1, 2)
+    high = pack_bits(u >> 4, 1, 2)
     return np.concatenate([low, high], axis=1).astype(np.uint8)
 
 
-def _half_bytes(v: np.ndarray) -> np.ndarray:
+def fp16_bytes(v: np.ndarray) -> np.ndarray:
     return v.astype("<f2").view(np.uint8).reshape(len(v), 2)
 
 
@@ -351,14 +372,14 @@ def _pack(qtype: str, q, ls, lm, d, dmin) -> np.ndarray:
     if lm is not None:
         ls, lm = ls.astype(np.uint8), lm.astype(np.uint8)
     if qtype == "q2_k":
-        parts = [ls | (lm << 4), _bits(q, 2, 2), _half_bytes(d), _half_bytes(dmin)]
+        parts = [ls | (lm << 4), pack_bits(q, 2, 2), fp16_bytes(d), fp16_bytes(dmin)]
     elif qtype == "q3_k":
         u = (ls + 32).astype(np.uint8)
-        parts = [_bits(q >> 2, 1, 1), _bits(q & 3, 2, 2), _pack_q3_scales(u), _half_bytes(d)]
+        parts = [pack_bits(q >> 2, 1, 1), pack_bits(q & 3, 2, 2), _pack_q3_scales(u), fp16_bytes(d)]
     elif qtype == "q4_k":
-        parts = [_half_bytes(d), _half_bytes(dmin), _pack_6bit(ls, lm), _bits(q, 4, 4)]
+        parts = [fp16_bytes(d), fp16_bytes(dmin), _pack_6bit(ls, lm), pack_bits(q, 4, 4)]
     elif qtype == "q5_k":
-        parts = [_half_bytes(d), _half_bytes(dmin), _pack_6bit(ls, lm), _bits(q >> 4, 1, 1), _bits(q & 15, 4, 4)]
+        parts = [fp16_bytes(d), fp16_bytes(dmin), _pack_6bit(ls, lm), pack_bits(q >> 4, 1, 1), pack_bits(q & 15, 4, 4)]
     else:  # q6_k: int8 scale codes
-        parts = [_bits(q & 15, 2, 4), _bits(q >> 4, 2, 2), ls.astype(np.int8).view(np.uint8), _half_bytes(d)]
+        parts = [pack_bits(q & 15, 2, 4), pack_bits(q >> 4, 2, 2), ls.astype(np.int8).view(np.uint8), fp16_bytes(d)]
     return np.concatenate(parts, axis=1)

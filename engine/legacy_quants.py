@@ -1,29 +1,80 @@
-"""Q4_0, Q5_0 and Q5_1 with importance: the legacy types K mixes fall back to, weighted like the K types.
+"""The legacy GGML types, blocks of 32 values: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, written by legacy
+exports and by K mixes for rows off the 256 grid (every 576-wide matrix of SmolLM2).
 
-A K mix stores rows off the 256 grid (every 576-wide matrix of SmolLM2) in a legacy type of 32
-values per block. The ``gguf`` package quantises those from each block's extremes only; with an
-importance matrix the scale is instead searched like the K types' (docs/DESIGN.md, "GGUF
-export": "Importance matrix"): each weight's error counts w = importance[col] · sqrt(σ² + x²)
-(σ² the row's mean x²), 19 candidate scales around the extremes' one are tried, each refitted by
-weighted least squares, and the best kept. Blocks are the GGML layouts gguf's dequantiser reads.
+Without importance a block is rounded from its extremes, as llama.cpp's reference quantiser and
+the gguf package's copy of it do. With importance (Q4_0, Q5_0, Q5_1, the types K mixes fall back
+to) the scale is searched like the K types' (docs/DESIGN.md, "GGUF export": "Importance
+matrix"): each weight's error counts w = importance[col] · sqrt(σ² + x²) (σ² the row's mean x²),
+19 candidate scales around the extremes' one are tried, each refitted by weighted least squares,
+and the best kept. ``quantize`` runs the compiled op (csrc/cpu_legacy_quants.cpp); this module's
+numpy is its reference, summing in the op's order (``kquants.tree_sum``) so both write the same
+bytes. Blocks are the GGML layouts gguf's dequantiser reads.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from .errors import DepthcutError
+from .kquants import checked_weight, tree_sum
+
+BLOCK = 32
+LEGACY_QUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 WEIGHTED_TYPES = ("Q4_0", "Q5_0", "Q5_1")
 _LEVELS = {"Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q5_1": (0, 31)}
-_TRIES = np.arange(-9, 10, dtype=np.float32) * 0.1  # scale candidates: (extreme level + t) / extreme
+_TRIES = np.arange(-9, 10, dtype=np.float32) * np.float32(0.1)  # scale candidates: (extreme level + t) / extreme
 _EPS = np.float32(1e-20)
+_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}  # per block: fp16 scale(s), (qh,) codes
+
+
+def row_bytes(ttype: str, cols: int) -> int:
+    """Bytes of one quantised row of ``cols`` values (``ttype`` in either case)."""
+    return cols // BLOCK * _BYTES[ttype.upper()]
+
+
+def quantize(data, ttype: str, importance=None) -> np.ndarray:
+    """uint8 [rows, cols / 32 · block bytes]: ``data`` [rows, cols] as GGML ``ttype`` blocks,
+    weighted by ``importance`` [cols] (Σx² per input channel) when given."""
+    from .ops import quantize_blocks
+
+    return quantize_blocks("quantize_legacy", torch.as_tensor(data), ttype, importance).numpy()
+
+
+def prepare(op: str, weight, ttype: str, importance=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Checks the inputs; returns the fp32 CPU weight and the fp32 importance (or None)."""
+    ttype = ttype.upper()
+    if ttype not in LEGACY_QUANT_TYPES:
+        raise DepthcutError(f"{op}: unknown legacy type {ttype!r}; supported: {', '.join(LEGACY_QUANT_TYPES)}")
+    w = checked_weight(op, weight, ttype, BLOCK)
+    cols = w.shape[1]
+    if importance is None:
+        return w, None
+    if ttype not in WEIGHTED_TYPES:
+        raise DepthcutError(f"{op}: {ttype} has no importance-weighted search ({', '.join(WEIGHTED_TYPES)} do)")
+    imp = torch.as_tensor(importance).detach().to("cpu", torch.float32).contiguous()
+    if tuple(imp.shape) != (cols,) or not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+        raise DepthcutError(f"{op}: importance must be finite, non-negative and of shape ({cols},)")
+    return w, imp
+
+
+def reference_blocks(w: torch.Tensor, ttype: str, importance: torch.Tensor | None) -> np.ndarray:
+    """The op's bytes in numpy, for checked inputs (see `prepare`): gguf's round-to-nearest
+    without importance, the weighted search with it."""
+    if importance is None:
+        import gguf
+
+        return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[ttype.upper()])
+    return quantize_weighted(w.numpy(), ttype.upper(), importance.numpy())
 
 
 def quantize_weighted(data: np.ndarray, ttype: str, importance: np.ndarray) -> np.ndarray:
-    """uint8 [rows, cols / 32 · block bytes]: ``data`` [rows, cols] as GGML ``ttype`` blocks."""
+    """The importance-weighted blocks of ``data`` [rows, cols] (a ``WEIGHTED_TYPES`` ttype)."""
     rows, cols = data.shape
-    x = np.ascontiguousarray(data, dtype=np.float32).reshape(rows, cols // 32, 32)
-    sigma2 = (x * x).mean(axis=(1, 2), keepdims=True)
-    w = importance.astype(np.float32).reshape(1, cols // 32, 32) * np.sqrt(sigma2 + x * x)
-    x, w = x.reshape(-1, 32), w.reshape(-1, 32)
+    x = np.ascontiguousarray(data, dtype=np.float32)
+    sigma2 = np.mean(x * x, axis=1, dtype=np.float64).astype(np.float32)[:, None, None]
+    x = x.reshape(rows, cols // BLOCK, BLOCK)
+    w = np.asarray(importance, np.float32).reshape(1, cols // BLOCK, BLOCK) * np.sqrt(sigma2 + x * x)
+    x, w = x.reshape(-1, BLOCK), w.reshape(-1, BLOCK)
     lo, hi = _LEVELS[ttype]
     if ttype == "Q5_1":
         d, m = _fit_with_min(x, w, hi)
@@ -61,12 +112,12 @@ def _fit_with_min(x, w, hi) -> tuple[np.ndarray, np.ndarray]:
     inv = np.where(span > 0, 1 / np.where(span > 0, span, 1), 0).astype(np.float32)
     best_d, best_m = np.zeros(len(x), np.float32), low.astype(np.float32)
     best = np.full(len(x), np.inf)
-    sw, swx, swxx = (s.astype(np.float64) for s in (w.sum(1), _rowdot(w, x), _rowdot(w * x, x)))
+    sw, swx, swxx = (s.astype(np.float64) for s in (tree_sum(w), _rowdot(w, x), _rowdot(w * x, x)))
     shifted, q, wq = x - low[:, None], np.empty_like(x), np.empty_like(x)
     for t in _TRIES:
         _codes(shifted, (hi + t) * inv, 0, hi, q)
         np.multiply(w, q, out=wq)
-        swq, swqq, swqx = (s.astype(np.float64) for s in (wq.sum(1), _rowdot(wq, q), _rowdot(wq, x)))
+        swq, swqq, swqx = (s.astype(np.float64) for s in (tree_sum(wq), _rowdot(wq, q), _rowdot(wq, x)))
         det = sw * swqq - swq * swq
         ok = det > 1e-12 * np.maximum(sw * swqq, 1e-30)
         d = np.where(ok, (sw * swqx - swq * swx) / np.where(ok, det, 1), 0)
@@ -76,7 +127,7 @@ def _fit_with_min(x, w, hi) -> tuple[np.ndarray, np.ndarray]:
         err = d * d * swqq + 2 * d * m * swq + m * m * sw - 2 * d * swqx - 2 * m * swx + swxx
         better = ok & (err < best)
         best_d, best_m, best = np.where(better, d, best_d), np.where(better, m, best_m), np.where(better, err, best)
-    return _rounded(best_d), _rounded(best_m)
+    return _rounded(best_d.astype(np.float32)), _rounded(best_m.astype(np.float32))
 
 
 def _codes(x, iscale, lo, hi, out) -> None:
@@ -87,7 +138,7 @@ def _codes(x, iscale, lo, hi, out) -> None:
 
 
 def _rowdot(a, b) -> np.ndarray:
-    return np.einsum("ij,ij->i", a, b)
+    return tree_sum(a * b)
 
 
 def _rounded(v: np.ndarray) -> np.ndarray:

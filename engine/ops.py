@@ -12,6 +12,7 @@ trace under torch.compile. See docs/DESIGN.md, "Kernels and backends".
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -410,32 +411,36 @@ if HAS_EXT:
     _register_fakes()
 
 
-# ----------------------------------------------------------------------------- K-quants
+# ----------------------------------------------------------------------------- GGML block quantisers
+
+# compiled op -> the module with its input checks (prepare), numpy reference (reference_blocks)
+# and row size (row_bytes); docs/DESIGN.md, "GGUF export".
+BLOCK_QUANTISERS = {"quantize_kquant": "kquants", "quantize_iquant": "iquants", "quantize_legacy": "legacy_quants"}
 
 
-def quantize_kquant(weight: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 [rows, bytes per row]: the GGML K-quant super-blocks of weight [rows, cols].
+def quantize_blocks(op: str, weight: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [rows, bytes per row]: the GGML blocks of weight [rows, cols] written by quantiser ``op``.
 
-    Checked and normalised once (depthcut.kquants.prepare), then the compiled CPU op or the
-    numpy reference; both write the same bytes. CPU only, also for CUDA weights: quantising
-    is a one-off export step. See docs/DESIGN.md, "K-quant quantisers".
+    Checked and normalised once (the module's ``prepare``), then the compiled CPU op or the
+    module's numpy reference; both write the same bytes. CPU only, also for CUDA weights:
+    quantising is a one-off export step.
     """
-    from . import kquants
-
-    w, colw = kquants.prepare("quantize_kquant", weight, qtype, importance)
+    module = importlib.import_module(f"{__package__}.{BLOCK_QUANTISERS[op]}")
+    w, colw = module.prepare(op, weight, qtype, importance)
     cpu = torch.device("cpu")
-    if _backend(cpu) == "ext" and _has_ext_op("quantize_kquant", cpu):
-        return torch.ops.depthcut.quantize_kquant(w, qtype, colw)
-    return torch.from_numpy(kquants.reference_blocks(w, qtype, colw))
+    if _backend(cpu) == "ext" and _has_ext_op(op, cpu):
+        return getattr(torch.ops.depthcut, op)(w, qtype.lower(), colw)
+    return torch.from_numpy(module.reference_blocks(w, qtype, colw))
 
 
-def _register_kquant_fake() -> None:
-    @torch.library.register_fake("depthcut::quantize_kquant")
-    def _(weight, qtype, importance=None):
-        from .kquants import row_bytes
-
+def _block_fake(module_name: str):
+    def fake(weight, qtype, importance=None):
+        row_bytes = importlib.import_module(f"{__package__}.{module_name}").row_bytes
         return weight.new_empty((weight.shape[0], row_bytes(qtype, weight.shape[1])), dtype=torch.uint8)
 
+    return fake
 
-if HAS_EXT and _has_ext_op("quantize_kquant", torch.device("cpu")):
-    _register_kquant_fake()
+
+for _op, _module in BLOCK_QUANTISERS.items():
+    if HAS_EXT and _has_ext_op(_op, torch.device("cpu")):
+        torch.library.register_fake(f"depthcut::{_op}")(_block_fake(_module))

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 
@@ -173,6 +174,39 @@ def test_tokenizer_round_trip(tokenizer, tmp_path):
     assert ids == {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "padding": tokenizer.pad_token_id}
     _, ours = load_model(path, device="cpu")  # the special tokens whatever transformers' GGUF reader makes of them
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def _kv_bytes(make, path, arrays: dict) -> bytes:
+    writer = make(path, "llama")
+    for key, value in arrays.items():
+        writer.add_array(f"test.{key}", value)
+    writer.add_string("test.s", "x")
+    writer.write_header_to_file(path)
+    try:
+        writer.write_kv_data_to_file()
+    finally:
+        writer.close()
+    return path.read_bytes()
+
+
+def test_array_packing_writes_the_stock_writers_bytes(tmp_path):
+    """The export's writer packs long arrays in one pass; every byte is still gguf's own."""
+    from depthcut.gguf_tokenizer import new_writer
+
+    rng = np.random.default_rng(0)
+    arrays = {"tokens": ["a", "Ġthe", "é漢字🙂", "\n", " "] * 300, "types": [1, 2, 3, -4] * 100,
+              "scores": [float(v) for v in rng.standard_normal(999)], "merges": ["Ġ t", "h e"] * 50,
+              "bools": [True, False], "nested": [[1, 2], [3, 4]], "one": [7], "str_and_bytes": ["a", b"b"]}
+    assert _kv_bytes(new_writer, tmp_path / "ours.gguf", arrays) == _kv_bytes(gguf.GGUFWriter, tmp_path / "stock.gguf", arrays)
+
+
+@pytest.mark.parametrize("bad", [[1, 2.5, 3], [2 ** 40], ["a", 1]])
+def test_array_packing_refuses_what_the_stock_writer_refuses(bad, tmp_path):
+    from depthcut.gguf_tokenizer import new_writer
+
+    for make in (gguf.GGUFWriter, new_writer):
+        with pytest.raises((ValueError, OverflowError, struct.error)):
+            _kv_bytes(make, tmp_path / "m.gguf", {"bad": bad})
 
 
 def test_pre_tokenizer_names(tokenizer, tmp_path):
@@ -669,7 +703,7 @@ def test_rows_off_the_256_grid_fall_back(mix, tokenizer, tmp_path):
 
     model = _tiny("llama", tokenizer, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                   num_key_value_heads=3, num_hidden_layers=2, tie_word_embeddings=True)
-    with pytest.warns(UserWarning, match="stored in a legacy type: row length not a multiple of 256"):
+    with pytest.warns(UserWarning, match="stored in a fallback type: row length not a multiple of the type.s block"):
         path = export_gguf(model, tokenizer, tmp_path / "m.gguf", mix)
     types = tensor_types(path)
     attn_q, attn_v, ffn_down = FALLBACK_CASES[mix]

@@ -224,6 +224,10 @@ def _opcheck_cases():
         ("swiglu", (torch.randn(3, 8, generator=g), True)),
         ("quantize_kquant", (torch.randn(3, 256, generator=g), "q5_k", torch.rand(256, generator=g))),
         ("quantize_kquant", (torch.randn(2, 512, generator=g), "q2_k", None)),
+        ("quantize_iquant", (torch.randn(3, 256, generator=g), "iq4_xs", torch.rand(256, generator=g))),
+        ("quantize_iquant", (torch.randn(2, 96, generator=g), "iq4_nl", None)),
+        ("quantize_legacy", (torch.randn(3, 96, generator=g), "q5_1", torch.rand(96, generator=g))),
+        ("quantize_legacy", (torch.randn(2, 64, generator=g), "q8_0", None)),
     ]
 
 

@@ -231,59 +231,6 @@ def test_cli_imatrix_export_and_prune(tmp_path, capsys):
     assert rc == 2 and "covers block 7 but the model has 6 blocks" in capsys.readouterr().err
 
 
-# --- weighted legacy blocks (the K mixes' fallback types) ---------------------------------------
-
-LEGACY_LEVELS = {"Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q5_1": (0, 31)}
-
-
-def _reference_block(x: np.ndarray, w: np.ndarray, ttype: str) -> np.ndarray:
-    """The weighted search written out for one block of 32: 19 candidate scales from the
-    extremes, each refitted by weighted least squares; the dequantised block."""
-    lo, hi = LEGACY_LEVELS[ttype]
-    best, out = None, None
-    for t in np.arange(-9, 10) * 0.1:
-        if ttype == "Q5_1":
-            span = x.max() - x.min()
-            q = np.clip(np.rint((x - x.min()) * (hi + t) / span), 0, hi)
-            a = np.stack([q, np.ones_like(q)], 1) * np.sqrt(w)[:, None]  # weighted least squares for (d, m)
-            d, m = np.linalg.lstsq(a, x * np.sqrt(w), rcond=None)[0]
-            if d < 0:
-                continue
-            d, m = np.float16(d).astype(np.float64), np.float16(m).astype(np.float64)
-            deq = d * np.clip(np.rint((x - m) / d), 0, hi) + m
-        else:
-            extreme = x[np.abs(x).argmax()]
-            q = np.clip(np.rint(x * (lo - t) / extreme), lo, hi)
-            d = np.float16((w * q * x).sum() / (w * q * q).sum()).astype(np.float64)
-            deq = d * np.clip(np.rint(x / d), lo, hi)
-        err = (w * (q * d + (m if ttype == "Q5_1" else 0) - x) ** 2).sum()
-        if best is None or err < best - 1e-12:
-            best, out = err, deq
-    return out
-
-
-@pytest.mark.parametrize("ttype", list(LEGACY_LEVELS))
-def test_weighted_legacy_blocks(ttype):
-    from depthcut.legacy_quants import quantize_weighted
-
-    rng = np.random.default_rng(7)
-    x = (rng.standard_normal((13, 96)) * 0.05).astype(np.float32)  # odd row count, 3 blocks a row
-    x[:, 5] *= 10  # an outlier channel
-    importance = (rng.random(96) ** 4 * 10).astype(np.float32)
-    qtype = gguf.GGMLQuantizationType[ttype]
-    ours = quantize_weighted(x, ttype, importance)
-    plain = gguf.quants.quantize(x, qtype)
-    assert ours.shape == plain.shape and ours.dtype == np.uint8
-    got = gguf.quants.dequantize(ours, qtype).reshape(x.shape)
-    w = importance[None] * np.sqrt((x * x).mean(1, keepdims=True) + x * x)
-    assert (w * (got - x) ** 2).sum() < 0.9 * (w * (gguf.quants.dequantize(plain, qtype) - x) ** 2).sum()
-    want = np.stack([_reference_block(xb.astype(np.float64), wb.astype(np.float64), ttype)
-                     for xb, wb in zip(x.reshape(-1, 32), w.reshape(-1, 32))]).reshape(x.shape)
-    same = np.isclose(got, want, rtol=1e-5, atol=1e-7).reshape(-1, 32).all(1)
-    # measured: every block for Q4_0 and Q5_0, 38 of 39 for Q5_1 (a tie between candidates, summed in another order)
-    assert same.mean() >= 0.95, same.mean()
-
-
 def test_fallback_tensors_use_the_importance(tmp_path):
     """With an importance matrix, a K mix's legacy fallbacks are the weighted blocks of that tensor."""
     from test_export_gguf import _tiny, tokenizer as tokenizer_fixture
@@ -295,7 +242,7 @@ def test_fallback_tensors_use_the_importance(tmp_path):
     model = _tiny("qwen2", tok, hidden_size=96, intermediate_size=256, num_attention_heads=3,
                   num_key_value_heads=1, num_hidden_layers=2)
     imatrix = collect_imatrix(model, random_tokens(model, 2, 16), progress=False)
-    with pytest.warns(UserWarning, match="legacy type"):
+    with pytest.warns(UserWarning, match="fallback type"):
         reader = gguf.GGUFReader(export_gguf(model, tok, tmp_path / "m.gguf", "q4_k_m", imatrix=imatrix))
     stored = {t.name: t for t in reader.tensors}["blk.1.attn_output.weight"]
     assert stored.tensor_type.name == "Q5_0"

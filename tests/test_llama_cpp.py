@@ -65,7 +65,7 @@ def test_pruned_smollm2_perplexity_in_llama_cpp(tmp_path):
     assert math.isfinite(ppl_cpp) and abs(ppl_cpp / ppl_hf - 1) < 0.03
 
 
-K_MIXES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
+K_MIXES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs"]
 
 
 @pytest.mark.parametrize("mix", K_MIXES)
@@ -84,8 +84,9 @@ def test_k_mixes_run_in_llama_cpp(mix, tokenizer, tmp_path):
         ref = _reload(path)(ids).logits
     got = llama_cpp_logits(path, ids)
     # measured 0.004-0.007 over the mixes (f16: 9e-4); a wrong block layout gives ~1
-    # measured 0.077-0.082 over the mixes, argmax 82-92%: llama.cpp rounds the activations to 8 bits
-    # (per 256 for K types) and this random model amplifies that ~10x (a q8_0 file: 0.056, 93%);
+    # measured 0.077-0.082 over the K mixes (iq4_nl 0.058, iq4_xs 0.085), argmax 82-93%: llama.cpp
+    # rounds the activations to 8 bits (per 256 for K types and IQ4_XS, per 32 for IQ4_NL) and this
+    # random model amplifies that ~10x (a q8_0 file: 0.056, 93%);
     # a misread block layout gives ~1
     assert ((got - ref).norm() / ref.norm()).item() < 0.12
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.75
