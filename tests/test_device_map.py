@@ -40,6 +40,10 @@ def test_a_map_that_spills_off_the_gpus_is_refused(monkeypatch):
 def test_cli_device_map(tiny_model_dir, tmp_path, capsys):
     assert run("score", tiny_model_dir, "--device-map", "auto", "--criteria", "ppl,bi", "--n-samples", 2,
                "--seq-len", 16, "--out", tmp_path / "s") == 0
+    assert run("prune", tiny_model_dir, "--device-map", "auto", "--remove", 2, "--n-samples", 2, "--seq-len", 16,
+               "--eval", "--out", tmp_path / "p") == 0
+    pruned, _ = depthcut.load_model(tmp_path / "p", device="cpu")
+    assert pruned.config.num_hidden_layers == 6
     expect_error(capsys, run("score", tiny_model_dir, "--device-map", "auto", "--offload", "disk",
                              "--out", tmp_path / "t"), "--offload and --device-map exclude each other")
     expect_error(capsys, run("prune", tiny_model_dir, "--device-map", "auto", "--remove", 1, "--retrain", "lora",
