@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 from .errors import DepthcutError
