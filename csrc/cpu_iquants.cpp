@@ -35,7 +35,7 @@ DC_INLINE int nearest(float v) {
 }
 
 // Signed scale of one sub-block, maximising (sum w x g)^2 / sum w g^2; fit_scales in iquants.py.
-float fit_scale(const float* x, const float* w) {
+DC_INLINE float fit_scale(const float* x, const float* w) {
   const float peak = x[peak_index(x, kSub)];
   if (peak == 0.0f) return 0.0f;
   float best = 0.0f, scale = 0.0f, wg[kSub], t[kSub];
@@ -63,7 +63,7 @@ float fit_scale(const float* x, const float* w) {
 
 // Grid indices of a block x[N] on its per-32 steps, and the weighted error; _levels in iquants.py.
 template <int N>
-float levels(const float* x, const float* w, const float* steps, uint8_t* idx) {
+DC_INLINE float levels(const float* x, const float* w, const float* steps, uint8_t* idx) {
   float e[N];
   for (int i = 0; i < N; ++i) {
     const float st = steps[i / kSub];
@@ -78,7 +78,7 @@ float levels(const float* x, const float* w, const float* steps, uint8_t* idx) {
 // The levels on steps d * codes, then one weighted least-squares refit of d, kept where the
 // error drops; refit_step in iquants.py.
 template <int N>
-void refit_step(const float* x, const float* w, const float* codes, c10::Half& d, uint8_t* idx) {
+DC_INLINE void refit_step(const float* x, const float* w, const float* codes, c10::Half& d, uint8_t* idx) {
   constexpr int nsub = N / kSub;
   float steps[nsub];
   for (int j = 0; j < nsub; ++j) steps[j] = static_cast<float>(d) * codes[j];
@@ -106,7 +106,7 @@ void refit_step(const float* x, const float* w, const float* codes, c10::Half& d
 
 // x^2, or colw * sqrt(sigma2 + x^2) with sigma2 = 2 mean x^2 of the block; element_weights in iquants.py.
 template <int N>
-void element_weights(const float* x, const float* cw, float* w) {
+DC_INLINE void element_weights(const float* x, const float* cw, float* w) {
   float xx[N];
   for (int i = 0; i < N; ++i) xx[i] = x[i] * x[i];
   if (!cw) {
@@ -118,12 +118,12 @@ void element_weights(const float* x, const float* cw, float* w) {
 }
 
 // qs of one 32-weight sub-block: weight j in the low nibble of byte j, weight j + 16 in the high one.
-void pack_nibbles(const uint8_t* idx, uint8_t* dst) {
+DC_INLINE void pack_nibbles(const uint8_t* idx, uint8_t* dst) {
   for (int j = 0; j < kSub / 2; ++j) dst[j] = static_cast<uint8_t>(idx[j] | (idx[j + kSub / 2] << 4));
 }
 
 // block_iq4_nl: d, qs[16].
-void quantize_nl(const float* x, const float* cw, uint8_t* dst) {
+DC_MULTIVERSION void quantize_nl(const float* x, const float* cw, uint8_t* dst) {
   float w[kSub];
   element_weights<kSub>(x, cw, w);
   c10::Half d = half_of(fit_scale(x, w));
@@ -135,7 +135,7 @@ void quantize_nl(const float* x, const float* cw, uint8_t* dst) {
 }
 
 // block_iq4_xs: d, scales_h (2 high bits of code j at bit 2j), scales_l (low nibbles, two a byte), qs[128].
-void quantize_xs(const float* x, const float* cw, uint8_t* dst) {
+DC_MULTIVERSION void quantize_xs(const float* x, const float* cw, uint8_t* dst) {
   constexpr int nsub = kSuper / kSub;
   float w[kSuper], s[nsub], codes[nsub];
   element_weights<kSuper>(x, cw, w);
