@@ -38,7 +38,7 @@ DC_INLINE int nearest(float v) {
 DC_INLINE float fit_scale(const float* x, const float* w) {
   const float peak = x[peak_index(x, kSub)];
   if (peak == 0.0f) return 0.0f;
-  float best = 0.0f, scale = 0.0f, wg[kSub], t[kSub];
+  float best = 0.0f, scale = 0.0f, wg[kSub];
   for (int k = 0; k < kTries; ++k) {
     const float inv = try_level(k) / peak;
     float g[kSub];
@@ -46,10 +46,8 @@ DC_INLINE float fit_scale(const float* x, const float* w) {
       g[i] = kGrid[nearest(inv * x[i])];
       wg[i] = w[i] * g[i];
     }
-    for (int i = 0; i < kSub; ++i) t[i] = wg[i] * x[i];
-    const float sxg = tree_sum<kSub>(t);
-    for (int i = 0; i < kSub; ++i) t[i] = wg[i] * g[i];
-    const float sgg = tree_sum<kSub>(t);
+    const float sxg = tree_dot<kSub>(wg, x);
+    const float sgg = tree_dot<kSub>(wg, g);
     if (!(sgg > 0.0f)) continue;
     const float s = sxg / sgg;
     const float gain = sxg * s;
@@ -83,15 +81,13 @@ DC_INLINE void refit_step(const float* x, const float* w, const float* codes, c1
   float steps[nsub];
   for (int j = 0; j < nsub; ++j) steps[j] = static_cast<float>(d) * codes[j];
   const float err = levels<N>(x, w, steps, idx);
-  float a[N], wa[N], t[N];
+  float a[N], wa[N];
   for (int i = 0; i < N; ++i) {
     a[i] = codes[i / kSub] * kGrid[idx[i]];
     wa[i] = w[i] * a[i];
   }
-  for (int i = 0; i < N; ++i) t[i] = wa[i] * a[i];
-  const float saa = tree_sum<N>(t);
-  for (int i = 0; i < N; ++i) t[i] = wa[i] * x[i];
-  const float sxa = tree_sum<N>(t);
+  const float saa = tree_dot<N>(wa, a);
+  const float sxa = tree_dot<N>(wa, x);
   if (!(saa > 0.0f)) return;
   const float nd = sxa / saa;
   if (!(std::fabs(nd) <= kHalfMax)) return;

@@ -83,10 +83,8 @@ DC_MULTIVERSION void fit_asymmetric(const float* x, const float* w, const Format
       wq[i] = w[i] * q[i];
     }
     const float sq = tree_sum<n>(wq);
-    for (int i = 0; i < n; ++i) tmp[i] = wq[i] * q[i];
-    const float sqq = tree_sum<n>(tmp);
-    for (int i = 0; i < n; ++i) tmp[i] = wq[i] * x[i];
-    const float sxq = tree_sum<n>(tmp);
+    const float sqq = tree_dot<n>(wq, q);
+    const float sxq = tree_dot<n>(wq, x);
     const float det = sw * sqq - sq * sq;
     if (!(det > 0.0f)) continue;
     float s = (sw * sxq - sx * sq) / det;
@@ -111,17 +109,15 @@ DC_MULTIVERSION float fit_symmetric(const float* x, const float* w, const Format
   const bool live = peak != 0.0f;
   const float lo = static_cast<float>(f.lo), hi = static_cast<float>(f.hi), top = static_cast<float>(-f.lo);
   float best = 0.0f, scale = 0.0f;
-  float q[n], wq[n], tmp[n];
+  float q[n], wq[n];
   for (int k = 0; k < f.count; ++k) {
     const float t = live ? -(top + offset(f, k)) / peak : 0.0f;
     for (int i = 0; i < n; ++i) {
       q[i] = round_clamped(t * x[i], lo, hi);
       wq[i] = w[i] * q[i];
     }
-    for (int i = 0; i < n; ++i) tmp[i] = wq[i] * x[i];
-    const float sxq = tree_sum<n>(tmp);
-    for (int i = 0; i < n; ++i) tmp[i] = wq[i] * q[i];
-    const float sqq = tree_sum<n>(tmp);
+    const float sxq = tree_dot<n>(wq, x);
+    const float sqq = tree_dot<n>(wq, q);
     if (!(sqq > 0.0f)) continue;
     const float s = sxq / sqq;
     const float gain = sxq * s;
@@ -203,10 +199,8 @@ void refit_steps(const float* x, const float* w, const float* ls, const float* l
     a[i] = ls[i / f.sub] * q[i];
     wa[i] = w[i] * a[i];
   }
-  for (int i = 0; i < kQK; ++i) t[i] = wa[i] * a[i];
-  const float saa = tree_sum<kQK>(t);
-  for (int i = 0; i < kQK; ++i) t[i] = wa[i] * x[i];
-  const float sxa = tree_sum<kQK>(t);
+  const float saa = tree_dot<kQK>(wa, a);
+  const float sxa = tree_dot<kQK>(wa, x);
   float nd = 0.0f, nm = 0.0f;
   bool ok;
   if (!lm) {
@@ -221,8 +215,7 @@ void refit_steps(const float* x, const float* w, const float* ls, const float* l
     const float sab = tree_sum<kQK>(t);
     for (int i = 0; i < kQK; ++i) t[i] = wb[i] * lm[i / f.sub];
     const float sbb = tree_sum<kQK>(t);
-    for (int i = 0; i < kQK; ++i) t[i] = wb[i] * x[i];
-    const float sxb = tree_sum<kQK>(t);
+    const float sxb = tree_dot<kQK>(wb, x);
     const float det = saa * sbb - sab * sab;
     ok = det > 0.0f;
     if (ok) {

@@ -118,17 +118,15 @@ DC_INLINE float try_offset(int k) { return static_cast<float>(k - kTries / 2) * 
 DC_INLINE float fit_symmetric(const float* x, const float* w, float lo, float hi) {
   const float extreme = x[peak_index(x, kBlock)];
   const float inv = extreme != 0.0f ? 1.0f / extreme : 0.0f;
-  float best = -1.0f, best_d = 0.0f, q[kBlock], wq[kBlock], tmp[kBlock];
+  float best = -1.0f, best_d = 0.0f, q[kBlock], wq[kBlock];
   for (int k = 0; k < kTries; ++k) {
     const float iscale = (lo - try_offset(k)) * inv;
     for (int i = 0; i < kBlock; ++i) {
       q[i] = round_clamped(x[i] * iscale, lo, hi);
       wq[i] = w[i] * q[i];
     }
-    for (int i = 0; i < kBlock; ++i) tmp[i] = wq[i] * x[i];
-    const float sqx = tree_sum<kBlock>(tmp);
-    for (int i = 0; i < kBlock; ++i) tmp[i] = wq[i] * q[i];
-    const float sqq = tree_sum<kBlock>(tmp), den = std::max(sqq, kEps);
+    const float sqx = tree_dot<kBlock>(wq, x);
+    const float sqq = tree_dot<kBlock>(wq, q), den = std::max(sqq, kEps);
     const float score = sqq > 0.0f ? sqx * sqx / den : 0.0f;
     if (score > best) {
       best = score;
@@ -163,10 +161,8 @@ DC_INLINE void fit_with_min(const float* x, const float* w, float hi, float& d_o
       wq[i] = w[i] * q[i];
     }
     const double swq = tree_sum<kBlock>(wq);
-    for (int i = 0; i < kBlock; ++i) tmp[i] = wq[i] * q[i];
-    const double swqq = tree_sum<kBlock>(tmp);
-    for (int i = 0; i < kBlock; ++i) tmp[i] = wq[i] * x[i];
-    const double swqx = tree_sum<kBlock>(tmp);
+    const double swqq = tree_dot<kBlock>(wq, q);
+    const double swqx = tree_dot<kBlock>(wq, x);
     const double det = sw * swqq - swq * swq;
     if (!(det > 1e-12 * std::max(sw * swqq, 1e-30))) continue;
     double d = (sw * swqx - swq * swx) / det, m = (swqq * swx - swq * swqx) / det;

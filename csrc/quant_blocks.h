@@ -40,6 +40,14 @@ DC_INLINE float tree_sum(const float* a) {
   return t[0];
 }
 
+// Sum of a[i] * b[i] over [0, N): the products rounded, then the halving tree (kquants.tree_sum(a * b)).
+template <int N>
+DC_INLINE float tree_dot(const float* a, const float* b) {
+  float t[N];
+  for (int i = 0; i < N; ++i) t[i] = a[i] * b[i];
+  return tree_sum<N>(t);
+}
+
 // np.clip(np.rint(v), lo, hi) for integer bounds: clamp, then round half to even by adding and
 // taking away 1.5 * 2^23 (no libm call on baseline x86-64, where nearbyint is one).
 DC_INLINE float round_clamped(float v, float lo, float hi) {
