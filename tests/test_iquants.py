@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf")  # optional: the device image lacks it
 from gguf.quants import dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 from test_export_gguf import _reload, _tiny, tokenizer  # noqa: E402,F401  (tokenizer: a fixture)
-from test_kquants import _skewed_importance, _weights  # noqa: E402
+from test_kquants import _skewed_importance, _weights, degenerate_rows  # noqa: E402
 
 from depthcut import iquants  # noqa: E402
 from depthcut.errors import DepthcutError  # noqa: E402
@@ -132,10 +132,7 @@ def test_gguf_writer_and_reader_round_trip(tmp_path, qtype):
 def test_degenerate_rows_stay_close_and_quiet(qtype):
     """Zero, constant, tiny (an fp16 step that underflows) and one-spike rows: no warnings. The
     grid has no zero level: a spike's neighbours decode as ±step, at most |spike| / 113."""
-    x = torch.zeros(4, 512)
-    x[1] = 0.25
-    x[2] = torch.linspace(-1e-7, 1e-7, 512)
-    x[3, 17] = 3.0
+    x = degenerate_rows()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y = _read(iquants.quantize_reference(x, qtype), qtype)

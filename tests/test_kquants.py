@@ -44,6 +44,15 @@ def _skewed_importance(cols, seed):
     return torch.rand(cols, generator=g) ** 8 * 1e4  # a few channels dominate, as in real activations
 
 
+def degenerate_rows() -> torch.Tensor:
+    """[4, 512]: a zero row, a constant one, a tiny one (fp16-subnormal steps) and one spike."""
+    x = torch.zeros(4, 512)
+    x[1] = 0.25
+    x[2] = torch.linspace(-1e-7, 1e-7, 512)
+    x[3, 17] = 3.0
+    return x
+
+
 def _read(blocks, qtype):
     return dequantize(blocks, _ggml(qtype))
 
@@ -102,10 +111,7 @@ def test_gguf_writer_and_reader_round_trip(tmp_path, qtype):
 @pytest.mark.parametrize("qtype", kquants.KQUANT_TYPES)
 def test_degenerate_rows_stay_exact_and_quiet(qtype):
     """Zero, constant, tiny (fp16-subnormal scales) and one-spike rows: no warnings, exact zeros."""
-    x = torch.zeros(4, 512)
-    x[1] = 0.25
-    x[2] = torch.linspace(-1e-7, 1e-7, 512)
-    x[3, 17] = 3.0
+    x = degenerate_rows()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y = _read(kquants.quantize_reference(x, qtype), qtype)
